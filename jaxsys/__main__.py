@@ -1,0 +1,5 @@
+import sys
+
+from jaxsys.cli import main
+
+sys.exit(main())

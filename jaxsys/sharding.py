@@ -1,0 +1,204 @@
+"""The one place where logical axis names meet mesh axes.
+
+Model code names only *logical* axes (batch, seq, embed, heads, kv_heads, head_dim, mlp,
+vocab, layers). Two rule tables map them onto the mesh axes (data, fsdp, tensor, pipe):
+`PARAM_RULES` for parameters (and so gradients and optimizer state, which follow them) and
+`ACTIVATION_RULES` for activations, as Levanter separates parameter and compute mappings.
+
+- Data parallel: `data` > 1, everything else 1. Parameters are replicated, the batch is split.
+- FSDP / ZeRO-3: `fsdp` > 1. Every parameter's `embed` dimension is split over `fsdp`, so
+  parameters, gradients and AdamW moments all live 1/fsdp per device; XLA all-gathers weights
+  before use and reduce-scatters gradients. The batch is split over data × fsdp.
+- `tensor` and `pipe` are named now so later strategies are a new table, not a model edit.
+
+The mesh uses `AxisType.Auto`: we state shardings for inputs, outputs and a few activations
+and let XLA's SPMD partitioner choose the collectives. (On `Explicit` meshes, the default of
+`jax.make_mesh`, every matmul over a sharded contraction would need an `out_sharding`.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxsys.config import Config, ConfigError, MeshConfig
+
+# Outermost to innermost: `tensor` innermost so its devices are neighbours (fastest links).
+MESH_AXES = ("pipe", "data", "fsdp", "tensor")
+DATA_AXES = ("data", "fsdp")  # the batch dimension is split over both
+
+Rules = tuple[tuple[str, Any], ...]
+
+PARAM_RULES: Rules = (
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+)
+
+ACTIVATION_RULES: Rules = (
+    ("batch", DATA_AXES),
+    ("seq", None),
+    ("embed", None),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+)
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Axis sizes with -1 replaced by the rest of the devices; raises `ConfigError` on a
+    layout whose product does not equal `num_devices`."""
+    sizes = {name: getattr(mesh_cfg, name) for name in MESH_AXES}
+    wild = [n for n, s in sizes.items() if s == -1]
+    if len(wild) > 1:
+        raise ConfigError(f"Only one mesh axis may be -1, got {wild}; give the others explicit sizes.")
+    bad = [n for n, s in sizes.items() if s == 0 or s < -1]
+    if bad:
+        raise ConfigError(f"mesh.{bad[0]}={sizes[bad[0]]} is invalid; axis sizes are ≥ 1 (or -1 for 'the rest').")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    layout = " × ".join(f"{n}={s}" for n, s in sizes.items() if s != 1)
+    if wild:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"The mesh {layout} needs a multiple of {fixed} devices, but there are {num_devices}. "
+                f"Choose axis sizes whose product divides {num_devices} (or run with --devices {fixed})."
+            )
+        sizes[wild[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError(
+            f"The mesh {layout or 'of all 1s'} has {fixed} devices but {num_devices} are available. "
+            f"Make the product of mesh.data, mesh.fsdp, mesh.tensor and mesh.pipe equal {num_devices} "
+            f"(e.g. set mesh.data=-1 to use the rest), or run with --devices {fixed}."
+        )
+    if sizes["pipe"] > 1:
+        raise ConfigError(
+            "mesh.pipe > 1: pipeline parallelism is not implemented yet; set mesh.pipe=1."
+        )
+    return sizes
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `Mesh` with axes `MESH_AXES`, sized from `mesh_cfg` over `devices` (default: all)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = resolve_mesh_shape(mesh_cfg, len(devices))
+    shape = tuple(sizes[n] for n in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules) -> P:
+    """Translate logical names to a mesh `PartitionSpec` (a mesh axis is used at most once)."""
+    return nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+
+
+def param_shardings(logical_specs: Any, mesh: Mesh) -> Any:
+    """Tree of `NamedSharding` for a tree of logical `PartitionSpec`s (from `nn.get_partition_spec`)."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, PARAM_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a `[batch, seq]` token array: batch over data × fsdp."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), ACTIVATION_RULES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """Attach a tree of shardings to a tree of shapes (e.g. a restore or lowering target)."""
+    return jax.tree_util.tree_map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
+
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "jaxsys_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules = ACTIVATION_RULES) -> Iterator[None]:
+    """While tracing inside this context, `constrain` pins activations to `mesh` via `rules`."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside `activation_sharding`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, rules)))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def check_layout(cfg: Config, mesh: Mesh, abstract_params: Any, logical_specs: Any) -> None:
+    """Reject, before any compile, a layout whose shapes do not divide over their mesh axes.
+
+    `abstract_params` is a tree of `jax.ShapeDtypeStruct`; `logical_specs` the matching tree of
+    logical `PartitionSpec`s. Raises `ConfigError` naming the parameter, dimension, axis and fix.
+    """
+    sizes = dict(mesh.shape)
+    m = cfg.model
+    tensor = sizes["tensor"]
+    for what, value, key in (("model.num_heads", m.num_heads, "heads"),
+                             ("model.num_kv_heads", m.kv_heads, "kv_heads"),
+                             ("model.vocab_size", m.vocab_size, "vocab")):
+        if value % tensor:
+            raise ConfigError(
+                f"{what}={value} is not divisible by the tensor axis (mesh.tensor={tensor}); "
+                f"choose mesh.tensor dividing {value}."
+            )
+    data_ways = sizes["data"] * sizes["fsdp"]
+    micro = cfg.train.batch_size // cfg.train.microbatches
+    if micro % data_ways:
+        raise ConfigError(
+            f"The per-step batch of {micro} sequences (train.batch_size={cfg.train.batch_size} / "
+            f"train.microbatches={cfg.train.microbatches}) is not divisible by data × fsdp = "
+            f"{sizes['data']} × {sizes['fsdp']} = {data_ways}; use a train.batch_size that is a "
+            f"multiple of {data_ways * cfg.train.microbatches}."
+        )
+
+    flat_shapes = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    flat_specs = jax.tree_util.tree_leaves(logical_specs, is_leaf=lambda x: isinstance(x, P))
+    for (path, leaf), logical in zip(flat_shapes, flat_specs):
+        mesh_spec = logical_to_spec(tuple(logical), PARAM_RULES)
+        for dim, (size, name, axes) in enumerate(zip(leaf.shape, logical, mesh_spec)):
+            if axes is None:
+                continue
+            axes = (axes,) if isinstance(axes, str) else tuple(axes)
+            ways = math.prod(sizes[a] for a in axes)
+            if size % ways:
+                divisors = [d for d in range(1, ways + 1) if size % d == 0 and ways % d == 0]
+                raise ConfigError(
+                    f"Parameter '{_path_str(path)}' dimension {dim} ('{name}', size {size}) is not "
+                    f"divisible by mesh axis {'×'.join(axes)}={ways}. Use a mesh.{axes[0]} that "
+                    f"divides {size} (e.g. {max(divisors)}), or change the model size."
+                )

@@ -1,0 +1,249 @@
+"""The host training loop: data, compiled step, progress, eval, metrics, checkpoints, sample.
+
+Everything on the device happens in the compiled `train_step`; this loop only feeds batches
+and reads metrics one step late (after the next step is dispatched), so the host never waits
+for the device except at log, eval and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxsys import checkpoint as ckpt
+from jaxsys import config as config_lib
+from jaxsys import data as data_lib
+from jaxsys import sharding as shd
+from jaxsys import train_step as ts
+from jaxsys.config import Config, ConfigError
+from jaxsys.metrics import MetricWriter, peak_flops
+from jaxsys.model import count_params, flops_per_token
+from jaxsys.sampling import generate
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. a non-finite loss); the message says what to change."""
+
+
+@dataclass
+class TrainResult:
+    final_step: int
+    start_step: int
+    train_loss: float
+    val_loss: float
+    compile_seconds: float
+    train_seconds: float  # wall time of the step loop, excluding compile
+    tokens_per_sec: float
+    num_params: int
+    losses: list[float] = field(default_factory=list)  # every step's loss, this invocation
+    sample: str = ""
+    state: Any = None
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _log(msg: str) -> None:
+    if _is_main():
+        print(msg, flush=True)
+
+
+def _check_run_dir(run_dir: Path, cfg: Config) -> None:
+    """Fail early on an unwritable run dir or a resume with a different model."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run_dir={str(run_dir)!r} is not writable ({e.strerror}); choose another run_dir.") from None
+    saved = run_dir / "config.json"
+    if cfg.checkpoint.resume and saved.exists() and (run_dir / "checkpoints").exists():
+        old = json.loads(saved.read_text()).get("model", {})
+        new = config_lib.to_dict(cfg)["model"]
+        shape_keys = ("family", "vocab_size", "seq_len", "num_layers", "embed_dim", "num_heads",
+                      "num_kv_heads", "head_dim", "mlp_dim", "scan_layers", "param_dtype")
+        for key in shape_keys:
+            if key in old and old[key] != new[key]:
+                raise ConfigError(
+                    f"run_dir={str(run_dir)!r} holds checkpoints of a model with model.{key}={old[key]!r}, "
+                    f"but this run has model.{key}={new[key]!r}. Use a new run_dir, or "
+                    "checkpoint.resume=false to start over in place."
+                )
+
+
+def evaluate(eval_step: Any, params: Any, tokens: np.ndarray, cfg: Config,
+             batch_sharding: jax.sharding.Sharding, num_batches: int) -> float:
+    """Mean loss over `num_batches` fixed batches of `tokens` (the same batches every call)."""
+    total = 0.0
+    for i in range(num_batches):
+        batch = data_lib.global_batch(tokens, cfg.train.seed, i, "val", cfg.train.batch_size,
+                                      cfg.model.seq_len, batch_sharding)
+        total += float(eval_step(params, batch))
+    return total / num_batches
+
+
+def train(cfg: Config, devices: list | None = None) -> TrainResult:
+    """Run (or resume) the training described by `cfg`; returns a `TrainResult`."""
+    config_lib.validate(cfg)
+    corpus = data_lib.load_corpus(cfg.data)
+    if corpus.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{corpus.tokenizer.vocab_size}; set model.vocab_size={corpus.tokenizer.vocab_size}.")
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    s = ts.setup(cfg, mesh)
+    run_dir = Path(cfg.run_dir)
+    _check_run_dir(run_dir, cfg)
+    if _is_main():
+        (run_dir / "config.json").write_text(config_lib.to_json(cfg))
+        (run_dir / "tokenizer.json").write_text(json.dumps(corpus.tokenizer.to_json()))
+
+    num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(s.abstract_params))
+    layout = " × ".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "1 device"
+    _log(f"jaxsys: {cfg.preset or 'custom'} | {cfg.model.family} {num_params / 1e6:.2f}M params | "
+         f"mesh {layout} ({mesh.devices.size} × {mesh.devices.flat[0].platform}) | "
+         f"batch {cfg.train.batch_size}×{cfg.model.seq_len} tokens | run_dir {run_dir}")
+
+    manager = ckpt.make_manager(run_dir, cfg.checkpoint) if cfg.checkpoint.every > 0 else None
+    start_step = 0
+    if manager is not None and cfg.checkpoint.resume and manager.latest_step() is not None:
+        target = shd.with_shardings(ts.abstract_state(s), s.state_sharding)
+        start_step, state = ckpt.restore(manager, target)
+        _log(f"Resumed from checkpoint step {start_step} in {run_dir / 'checkpoints'}")
+    else:
+        state = ts.init_state(s, cfg.train.seed)
+
+    t0 = time.perf_counter()
+    step_fn = ts.compile_train_step(s)
+    eval_fn = ts.compile_eval_step(s, cfg.train.batch_size)
+    compile_seconds = time.perf_counter() - t0
+    _log(f"Compiled train and eval steps in {compile_seconds:.1f}s")
+
+    writer = MetricWriter(run_dir, cfg.logging.tensorboard) if _is_main() else None
+    tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
+    fpt = flops_per_token(cfg.model, num_params)
+    peak = peak_flops(mesh.devices.flat[0].device_kind)
+
+    bar = None
+    if cfg.logging.progress and _is_main() and start_step < cfg.train.steps:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True,
+                   mininterval=1.0)
+
+    losses: list[float] = []
+    pending: list[tuple[int, dict]] = []  # metrics not yet read back, oldest first
+    window_start, window_step = time.perf_counter(), start_step
+    loop_start = time.perf_counter()
+    last_loss, val_loss, tok_s = float("nan"), float("nan"), 0.0
+
+    def drain(keep: int) -> None:
+        """Read back all but the newest `keep` pending metrics; log those on log steps."""
+        nonlocal last_loss, window_start, window_step, tok_s
+        while len(pending) > keep:
+            step_done, m = pending.pop(0)
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            last_loss = m["loss"]
+            losses.append(last_loss)
+            if not math.isfinite(last_loss):
+                saved = manager.latest_step() if manager is not None else None
+                raise TrainingError(
+                    f"Loss became {last_loss} at step {step_done}. Lower optimizer.lr or raise "
+                    f"schedule.warmup_steps. Last good checkpoint: "
+                    f"{f'step {saved} in {run_dir}/checkpoints (untouched)' if saved is not None else 'none'}."
+                )
+            if step_done % cfg.train.log_every == 0 or step_done == cfg.train.steps:
+                now = time.perf_counter()
+                tok_s = (step_done - window_step) * tokens_per_step / max(now - window_start, 1e-9)
+                window_start, window_step = now, step_done
+                m["tokens_per_sec"] = tok_s
+                if peak:
+                    m["mfu"] = fpt * tok_s / (peak * mesh.devices.size)
+                if writer is not None:
+                    writer.write(step_done, m)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+
+    for step in range(start_step, cfg.train.steps):
+        batch = data_lib.global_batch(corpus.train, cfg.train.seed, step, "train",
+                                      cfg.train.batch_size, cfg.model.seq_len, s.batch_sharding)
+        state, metrics = step_fn(state, batch)
+        done = step + 1
+        pending.append((done, metrics))
+        drain(keep=1)  # read the previous step's metrics while this one runs
+        if bar is not None:
+            bar.update(1)
+        is_eval = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0
+        if is_eval or done == cfg.train.steps:
+            drain(keep=0)
+            val_loss = evaluate(eval_fn, state.params, corpus.val, cfg, s.batch_sharding,
+                                cfg.train.eval_batches)
+            if writer is not None:
+                writer.write(done, {"val_loss": val_loss})
+            if bar is not None:
+                bar.write(f"step {done}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
+            else:
+                _log(f"step {done}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
+        if manager is not None and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps):
+            ckpt.save(manager, done, state)
+    drain(keep=0)
+    train_seconds = time.perf_counter() - loop_start
+    if bar is not None:
+        bar.close()
+    if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+    if writer is not None:
+        writer.close()
+
+    steps_run = cfg.train.steps - start_step
+    mean_tok_s = steps_run * tokens_per_step / train_seconds if steps_run else 0.0
+    _log(f"Done: {steps_run} steps in {train_seconds:.1f}s ({mean_tok_s:,.0f} tokens/s), "
+         f"compile {compile_seconds:.1f}s; final val loss {val_loss:.4f}")
+
+    sample = ""
+    if cfg.logging.sample_tokens > 0 and _is_main():
+        sample = sample_text(s.model, state.params, corpus.tokenizer, cfg.logging.sample_prompt,
+                             cfg.logging.sample_tokens, seed=cfg.train.seed)
+        _log("-" * 60 + "\n" + sample + "\n" + "-" * 60)
+    return TrainResult(final_step=cfg.train.steps, start_step=start_step, train_loss=last_loss,
+                       val_loss=val_loss, compile_seconds=compile_seconds, train_seconds=train_seconds,
+                       tokens_per_sec=mean_tok_s, num_params=num_params, losses=losses,
+                       sample=sample, state=state)
+
+
+def sample_text(model: Any, params: Any, tokenizer: data_lib.Tokenizer, prompt: str,
+                max_new_tokens: int, temperature: float = 0.8, top_k: int = 0, seed: int = 0) -> str:
+    """Decode `max_new_tokens` tokens after `prompt` with `generate`."""
+    params = jax.device_put(params, jax.devices()[0])  # sampling is small: one device
+    prompt_ids = tokenizer.encode(prompt)
+    if len(prompt_ids) == 0:
+        prompt_ids = tokenizer.encode("\n")
+    ids = generate(model, params, jax.numpy.asarray(prompt_ids), jax.random.key(seed),
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+    return tokenizer.decode(np.asarray(ids))
+
+
+def load_for_sampling(run_dir: str | Path) -> tuple[Config, Any, Any, data_lib.Tokenizer]:
+    """(config, model, params, tokenizer) of the latest checkpoint in `run_dir`, on one device."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir}/config.json not found: is {run_dir} a jaxsys run directory?")
+    cfg = config_lib.from_dict(json.loads((run_dir / "config.json").read_text()))
+    cfg = config_lib.apply_overrides(cfg, ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.pipe=1",
+                                           f"train.batch_size={cfg.train.microbatches}"])
+    tokenizer = data_lib.tokenizer_from_json(json.loads((run_dir / "tokenizer.json").read_text()))
+    s = ts.setup(cfg, shd.make_mesh(cfg.mesh, jax.devices()[:1]))
+    manager = ckpt.make_manager(run_dir, cfg.checkpoint)
+    target = shd.with_shardings(ts.abstract_state(s), s.state_sharding)
+    _, state = ckpt.restore(manager, target)
+    manager.close()
+    return cfg, s.model, state.params, tokenizer
+
