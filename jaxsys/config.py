@@ -170,10 +170,10 @@ class Config:
 
 def all_keys(cfg: Any = None, prefix: str = "") -> list[str]:
     """Every dotted key a `Config` accepts, e.g. ``['model.family', ..., 'run_dir']``."""
-    cls = type(cfg) if cfg is not None else Config
+    cfg = Config() if cfg is None else cfg
     keys = []
-    for f in dataclasses.fields(cls):
-        value = getattr(cfg, f.name) if cfg is not None else f.default_factory()  # type: ignore[misc]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             keys += all_keys(value, prefix + f.name + ".")
         else:

@@ -76,14 +76,16 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]
         if num_devices % fixed:
             raise ConfigError(
                 f"The mesh {layout} needs a multiple of {fixed} devices, but there are {num_devices}. "
-                f"Choose axis sizes whose product divides {num_devices} (or run with --devices {fixed})."
+                f"Choose axis sizes whose product divides {num_devices} (on CPU, `jaxsys train "
+                f"--devices {fixed}` simulates {fixed} devices)."
             )
         sizes[wild[0]] = num_devices // fixed
     elif fixed != num_devices:
         raise ConfigError(
             f"The mesh {layout or 'of all 1s'} has {fixed} devices but {num_devices} are available. "
             f"Make the product of mesh.data, mesh.fsdp, mesh.tensor and mesh.pipe equal {num_devices} "
-            f"(e.g. set mesh.data=-1 to use the rest), or run with --devices {fixed}."
+            f"(e.g. set mesh.data=-1 to use the rest); on CPU, `jaxsys train --devices {fixed}` "
+            f"simulates {fixed} devices."
         )
     if sizes["pipe"] > 1:
         raise ConfigError(

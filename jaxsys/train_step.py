@@ -16,7 +16,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from jaxsys import sharding as shd
-from jaxsys.config import Config
+from jaxsys import config as config_lib
+from jaxsys.config import Config, ConfigError
 from jaxsys.model import Transformer
 from jaxsys.optim import make_optimizer, make_schedule
 
@@ -57,6 +58,11 @@ class Setup:
 def setup(cfg: Config, mesh: Mesh) -> Setup:
     """Build model and optimizer, derive every sharding from `eval_shape`, and validate the
     layout. Nothing is compiled or allocated; layout errors surface here as `ConfigError`."""
+    config_lib.validate(cfg)
+    wanted = shd.resolve_mesh_shape(cfg.mesh, mesh.devices.size)
+    if wanted != dict(mesh.shape):
+        raise ConfigError(f"The mesh {dict(mesh.shape)} does not match cfg.mesh {wanted}; build it "
+                          "with jaxsys.sharding.make_mesh(cfg.mesh, devices).")
     model = Transformer(cfg.model)
     schedule = make_schedule(cfg.schedule, cfg.optimizer.lr, cfg.train.steps)
     tx = make_optimizer(cfg.optimizer, schedule)

@@ -1,0 +1,48 @@
+"""Shared test utilities: build a layout, compute loss and gradients on it."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+from jaxsys import data
+from jaxsys import sharding as shd
+from jaxsys import train_step as ts
+from jaxsys.config import Config, apply_overrides
+from jaxsys.presets import tiny
+
+
+def tiny_cfg(*overrides: str) -> Config:
+    return apply_overrides(tiny(), ["train.batch_size=16", *overrides])
+
+
+def layout(cfg: Config) -> ts.Setup:
+    """Setup on exactly as many devices as the mesh asks for (1 when every axis is 1)."""
+    sizes = [getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor", "pipe")]
+    n = math.prod(sizes) if -1 not in sizes else len(jax.devices())
+    return ts.setup(cfg, shd.make_mesh(cfg.mesh, jax.devices()[:n]))
+
+
+def host_batch(cfg: Config, step: int = 0) -> dict[str, np.ndarray]:
+    corpus = data.load_corpus(cfg.data)
+    return data.local_batch(corpus.train, cfg.train.seed, step, "train", cfg.train.batch_size,
+                            cfg.model.seq_len)
+
+
+def loss_and_grads(s: ts.Setup, params_host, batch_host):
+    """Loss and gradients computed with `s`'s shardings; returns host numpy trees."""
+    params = jax.device_put(params_host, s.state_sharding.params)
+    batch = jax.device_put(batch_host, s.batch_sharding)
+    fn = jax.jit(jax.value_and_grad(lambda p, b: ts.loss_fn(s.model, p, b, None)),
+                 in_shardings=(s.state_sharding.params, s.batch_sharding),
+                 out_shardings=(shd.replicated(s.mesh), s.state_sharding.params))
+    with shd.activation_sharding(s.mesh):
+        loss, grads = fn(params, batch)
+    return float(loss), jax.device_get(grads)
+
+
+def max_abs_diff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
