@@ -18,9 +18,9 @@ float32, no torch.compile, device cpu.
 
 It needs PyTorch, which is NOT a jaxsys dependency. Run it from its own venv:
 
-    python3 -m venv /work/torchenv && /work/torchenv/bin/pip install torch numpy
-    /work/torchenv/bin/python experiments/nanogpt_baseline.py \
-        [--data /work/shared/data/tinyshakespeare.txt] [--seed 0]
+    python3 -m venv torchenv && torchenv/bin/pip install torch numpy
+    torchenv/bin/python experiments/nanogpt_baseline.py \
+        [--data path/to/tinyshakespeare.txt] [--seed 0]
 
 The loop follows nanoGPT's train.py: evaluation happens at iter_num % 250 == 0
 (0, 250, ..., 2000) before that iter's step, and training stops after the step
@@ -28,8 +28,10 @@ of iter 2000. At the end it also evaluates val loss on 200 batches (less noisy),
 and prints wall time of the loop with and without the evaluations.
 """
 import argparse
+import gzip
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -141,7 +143,8 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------- training
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="/work/shared/data/tinyshakespeare.txt")
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "jaxsys" / "data" / "tinyshakespeare.txt.gz"),
+                    help="the text (.txt, or .txt.gz as shipped in jaxsys/data)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--final_eval_iters", type=int, default=200)
     args = ap.parse_args()
@@ -158,7 +161,8 @@ def main():
     print(f"torch {torch.__version__}, torch.get_num_threads()={torch.get_num_threads()}, "
           f"seed={args.seed}, device={device}, dtype=float32, compile=False")
 
-    with open(args.data, "r", encoding="utf-8") as f:
+    opener = gzip.open if args.data.endswith(".gz") else open
+    with opener(args.data, "rt", encoding="utf-8") as f:
         text = f.read()
     chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}

@@ -80,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _simulate_devices(getattr(args, "devices", None))
     from jaxsys.config import ConfigError
+    from jaxsys.trainer import TrainingError
     try:
         return {"train": _cmd_train, "config": _cmd_config, "sample": _cmd_sample}[args.command](args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, TrainingError) as e:
         print(f"jaxsys: error: {e}", file=sys.stderr)
         return 2
 

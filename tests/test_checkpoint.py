@@ -77,3 +77,13 @@ def test_restore_without_checkpoint_raises(tmp_path):
     manager = ckpt.make_manager(tmp_path, cfg.checkpoint)
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
         ckpt.restore(manager, None)
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path):
+    from jaxsys.trainer import TrainingError
+    # A learning rate of 1e30 blows the weights up within a few steps.
+    cfg = run_cfg(tmp_path, 12, "optimizer.lr=1e30", "schedule.kind=constant", "schedule.warmup_steps=0",
+                  "optimizer.grad_clip=0", "checkpoint.every=1")
+    with pytest.raises(TrainingError, match=r"Loss became (nan|inf) at step \d+\. Lower optimizer.lr"):
+        train(cfg, jax.devices()[:1])
+    assert any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
