@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--devices", type=int, default=0, help="simulate N CPU devices (0: real devices)")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     if args.devices:
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 
