@@ -24,7 +24,7 @@ from jaxsys import sharding as shd
 from jaxsys import train_step as ts
 from jaxsys.config import Config, ConfigError
 from jaxsys.metrics import MetricWriter, peak_flops
-from jaxsys.model import count_params, flops_per_token
+from jaxsys.model import flops_per_token
 from jaxsys.sampling import generate
 
 
@@ -237,8 +237,7 @@ def load_for_sampling(run_dir: str | Path) -> tuple[Config, Any, Any, data_lib.T
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"{run_dir}/config.json not found: is {run_dir} a jaxsys run directory?")
     cfg = config_lib.from_dict(json.loads((run_dir / "config.json").read_text()))
-    cfg = config_lib.apply_overrides(cfg, ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.pipe=1",
-                                           f"train.batch_size={cfg.train.microbatches}"])
+    cfg = config_lib.apply_overrides(cfg, ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.pipe=1"])
     tokenizer = data_lib.tokenizer_from_json(json.loads((run_dir / "tokenizer.json").read_text()))
     s = ts.setup(cfg, shd.make_mesh(cfg.mesh, jax.devices()[:1]))
     manager = ckpt.make_manager(run_dir, cfg.checkpoint)
