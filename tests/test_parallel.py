@@ -19,6 +19,10 @@ LAYOUTS = {
     "fsdp=8": ("mesh.data=1", "mesh.fsdp=8"),
     "data=2,fsdp=4": ("mesh.data=2", "mesh.fsdp=4"),
     "data=4,fsdp=2": ("mesh.data=4", "mesh.fsdp=2"),
+    # The tensor axis already splits heads/MLP/vocab through the same rules tables (GSPMD picks
+    # the collectives; Megatron-style placement is later work) and must not change the numbers.
+    "fsdp=2,tensor=4": ("mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4"),
+    "data=4,tensor=2": ("mesh.data=4", "mesh.tensor=2"),
 }
 
 
@@ -36,7 +40,8 @@ def reference(family: str):
     return _REFERENCE[family]
 
 
-CASES = [("gpt2", name) for name in LAYOUTS] + [("llama", "data=2,fsdp=4"), ("llama", "data=4,fsdp=2")]
+CASES = [("gpt2", name) for name in LAYOUTS] + [
+    ("llama", "data=2,fsdp=4"), ("llama", "data=4,fsdp=2"), ("llama", "data=4,tensor=2")]
 
 
 @pytest.mark.parametrize("family,name", CASES)
