@@ -194,6 +194,11 @@ def train(cfg: Config, devices: list | None = None) -> TrainResult:
         if manager is not None and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps):
             ckpt.save(manager, done, state)
     drain(keep=0)
+    if start_step >= cfg.train.steps:
+        _log(f"Nothing to train: {run_dir} is already at step {start_step} (train.steps="
+             f"{cfg.train.steps}). Raise train.steps to continue, or use a new run_dir.")
+        val_loss = evaluate(eval_fn, state.params, corpus.val, cfg, s.batch_sharding,
+                            cfg.train.eval_batches)
     train_seconds = time.perf_counter() - loop_start
     if bar is not None:
         bar.close()

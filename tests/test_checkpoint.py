@@ -32,6 +32,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert len(full.losses) == 20 and full.losses[0] != full.losses[-1]
     assert max_abs_diff(jax.device_get(second.state.params), jax.device_get(full.state.params)) == 0.0
     assert second.val_loss == full.val_loss
+    # checkpoint.keep=2 (tiny preset): of the saves at 5, 10, 15, 20 only the last two remain.
+    assert sorted(int(p.name) for p in (tmp_path / "full" / "checkpoints").iterdir()) == [15, 20]
 
 
 def test_resume_with_a_different_model_is_refused(tmp_path):
