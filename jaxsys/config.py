@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -297,9 +296,15 @@ def validate(cfg: Config) -> None:
             f"train.batch_size={t.batch_size} is not divisible by train.microbatches={t.microbatches}; "
             f"use a batch size that is a multiple of {t.microbatches}."
         )
-    for key, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size),
-                       ("train.microbatches", t.microbatches), ("model.seq_len", m.seq_len)):
-        if value < 1:
-            raise ConfigError(f"{key} must be ≥ 1, got {value}.")
+    c = cfg.checkpoint
+    for key, value, low in (("train.steps", t.steps, 1), ("train.batch_size", t.batch_size, 1),
+                            ("train.microbatches", t.microbatches, 1), ("model.seq_len", m.seq_len, 1),
+                            ("train.log_every", t.log_every, 1), ("train.eval_batches", t.eval_batches, 1),
+                            ("train.eval_every", t.eval_every, 0), ("checkpoint.every", c.every, 0),
+                            ("checkpoint.keep", c.keep, 1), ("model.num_layers", m.num_layers, 1)):
+        if value < low:
+            raise ConfigError(f"{key} must be ≥ {low}, got {value}.")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}.")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}.")

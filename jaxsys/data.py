@@ -1,9 +1,9 @@
 """Tokenizers, the shipped Shakespeare corpus, and a deterministic batch sampler.
 
 The batch for step k is a pure function of (seed, k, split): resuming at step k replays the
-same batches, whatever happened before. Each process builds only its own rows of the global
-batch, and `jax.make_array_from_process_local_data` assembles the global array, so the same
-code runs on one host or many.
+same batches, whatever happened before. Each process reads only the rows of the global batch
+that its own devices hold (`jax.make_array_from_callback`), so the same code runs on one host
+or many.
 """
 
 from __future__ import annotations
@@ -131,8 +131,22 @@ def local_batch(tokens: np.ndarray, seed: int, step: int, split: str, global_bat
 
 def global_batch(tokens: np.ndarray, seed: int, step: int, split: str, batch_size: int,
                  seq_len: int, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-    """The global batch for `step` as sharded `jax.Array`s, built from process-local rows."""
-    local = local_batch(tokens, seed, step, split, batch_size, seq_len,
-                        jax.process_index(), jax.process_count())
+    """The global batch for `step` as sharded `jax.Array`s.
+
+    Each process reads only the rows its own devices hold (whatever the mesh: replicas over
+    `tensor` get the same rows), so on many hosts no host loads the whole batch."""
     shape = (batch_size, seq_len)
-    return {k: jax.make_array_from_process_local_data(sharding, v, shape) for k, v in local.items()}
+    offsets = batch_offsets(seed, step, split, batch_size, len(tokens), seq_len)
+    rows: dict[tuple[int, int], np.ndarray] = {}  # one window read per row range, not per device
+
+    def windows(index: tuple[slice, ...]) -> np.ndarray:
+        start, stop, _ = index[0].indices(batch_size)
+        if (start, stop) not in rows:
+            rows[(start, stop)] = np.stack(
+                [np.asarray(tokens[o:o + seq_len + 1], dtype=np.int32) for o in offsets[start:stop]])
+        return rows[(start, stop)]
+
+    return {
+        "inputs": jax.make_array_from_callback(shape, sharding, lambda i: windows(i)[:, :-1][:, i[1]]),
+        "targets": jax.make_array_from_callback(shape, sharding, lambda i: windows(i)[:, 1:][:, i[1]]),
+    }

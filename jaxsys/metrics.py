@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Dense bf16 peak FLOP/s per chip (vendor datasheets, without sparsity).
+# Dense bf16 peak FLOP/s per chip (vendor datasheets, without sparsity), by `device_kind`.
 PEAK_FLOPS = {
-    "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H100": 989e12,
+    "NVIDIA H100 80GB HBM3": 989e12,  # SXM
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
     "NVIDIA H200": 989e12,
     "NVIDIA A100-SXM4-80GB": 312e12,
     "NVIDIA A100-SXM4-40GB": 312e12,
@@ -21,13 +22,9 @@ PEAK_FLOPS = {
 
 
 def peak_flops(device_kind: str) -> float | None:
-    """Peak FLOP/s for a `jax.Device.device_kind`, or None if unknown (e.g. CPUs)."""
-    if device_kind in PEAK_FLOPS:
-        return PEAK_FLOPS[device_kind]
-    for name, value in PEAK_FLOPS.items():
-        if device_kind.startswith(name):
-            return value
-    return None
+    """Peak FLOP/s for a `jax.Device.device_kind`, or None if unknown (e.g. CPUs): then no MFU
+    is reported rather than a guessed one."""
+    return PEAK_FLOPS.get(device_kind)
 
 
 class MetricWriter:

@@ -62,12 +62,11 @@ class Norm(nn.Module):
         dtype = jnp.dtype(cfg.param_dtype)
         x = x_BTD.astype(jnp.float32)
         scale_D = _param(self, "scale", (cfg.embed_dim,), ("embed",), None, dtype)
-        if cfg.family == "gpt2":
+        if cfg.family == "gpt2":  # LayerNorm: centre, then scale like RMSNorm, then shift
             x = x - x.mean(-1, keepdims=True)
-            y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + cfg.norm_eps) * scale_D
+        y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + cfg.norm_eps) * scale_D
+        if cfg.family == "gpt2":
             y = y + _param(self, "bias", (cfg.embed_dim,), ("embed",), 0.0, dtype)
-        else:
-            y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + cfg.norm_eps) * scale_D
         return y.astype(cfg.compute_dtype)
 
 
@@ -214,7 +213,9 @@ def count_params(params: Any) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, num_params: int) -> float:
-    """Training FLOPs per token (PaLM appendix B): 6·N + 12·L·H·E·T, with N excluding the
-    position table; the attention term counts the full (not causal-halved) score matrix."""
-    n = num_params - (cfg.seq_len * cfg.embed_dim if cfg.family == "gpt2" else 0)
+    """Training FLOPs per token (PaLM appendix B): 6·N + 12·L·H·E·T. N counts the parameters
+    used in matmuls: without the position table (gpt2) or the input embedding lookup (llama,
+    untied); the attention term counts the full (not causal-halved) score matrix."""
+    lookup = cfg.seq_len if cfg.family == "gpt2" else cfg.vocab_size
+    n = num_params - lookup * cfg.embed_dim
     return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_size * cfg.seq_len

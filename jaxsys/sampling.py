@@ -16,12 +16,14 @@ import jax.numpy as jnp
 from jaxsys.model import Transformer
 
 
-@partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k"))
+@partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k", "num_tokens"))
 def generate(model: Transformer, params: Any, prompt_P: jax.Array, key: jax.Array, *,
-             max_new_tokens: int, temperature: float = 1.0, top_k: int = 0) -> jax.Array:
+             max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             num_tokens: int = 0) -> jax.Array:
     """Return the prompt followed by `max_new_tokens` sampled ids, int32 [P + max_new_tokens].
 
-    temperature 0 means greedy decoding; top_k 0 means no truncation."""
+    temperature 0 means greedy decoding; top_k 0 means no truncation; `num_tokens` > 0 limits
+    sampling to ids below it (the tokenizer's vocabulary, when the model's is padded larger)."""
     P = prompt_P.shape[0]
     T = model.cfg.seq_len
     total = P + max_new_tokens
@@ -34,6 +36,8 @@ def generate(model: Transformer, params: Any, prompt_P: jax.Array, key: jax.Arra
         window_T = jax.lax.dynamic_slice(buf, (start,), (T,))
         logits_V = model.apply({"params": params}, window_T[None])[0, length - start - 1]
         key, sub = jax.random.split(key)
+        if num_tokens:
+            logits_V = jnp.where(jnp.arange(logits_V.shape[0]) < num_tokens, logits_V, -jnp.inf)
         if top_k:
             kth = jax.lax.top_k(logits_V, top_k)[0][-1]
             logits_V = jnp.where(logits_V < kth, -jnp.inf, logits_V)

@@ -127,13 +127,16 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
                 i, mb = xs
                 k = None if key is None else jax.random.fold_in(key, i)
                 loss, grads = grad_fn(state.params, mb, k)
-                return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
+                grad_sum = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+                return (loss_sum + loss, grad_sum), None
 
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            # Sum in float32 whatever the parameter dtype, so M microbatches equal one batch.
+            zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
                                                    (jnp.arange(num_micro), micro))
             loss = loss_sum / num_micro
-            grads = jax.tree_util.tree_map(lambda g: g / num_micro, grad_sum)
+            grads = jax.tree_util.tree_map(lambda a, p: (a / num_micro).astype(p.dtype), grad_sum,
+                                           state.params)
 
         updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

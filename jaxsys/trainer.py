@@ -24,7 +24,7 @@ from jaxsys import sharding as shd
 from jaxsys import train_step as ts
 from jaxsys.config import Config, ConfigError
 from jaxsys.metrics import MetricWriter, peak_flops
-from jaxsys.model import flops_per_token
+from jaxsys.model import count_params, flops_per_token
 from jaxsys.sampling import generate
 
 
@@ -65,39 +65,70 @@ def _check_run_dir(run_dir: Path, cfg: Config) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"run_dir={str(run_dir)!r} is not writable ({e.strerror}); choose another run_dir.") from None
+    ckpt_dir = run_dir / "checkpoints"
+    has_checkpoints = ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+    if has_checkpoints and not cfg.checkpoint.resume:
+        # Orbax would silently skip saves at steps it already has; never overwrite or mix runs.
+        raise ConfigError(
+            f"run_dir={str(run_dir)!r} already holds checkpoints and checkpoint.resume=false. Use a "
+            f"new run_dir, or delete {ckpt_dir} yourself to start over."
+        )
     saved = run_dir / "config.json"
-    if cfg.checkpoint.resume and saved.exists() and (run_dir / "checkpoints").exists():
-        old = json.loads(saved.read_text()).get("model", {})
-        new = config_lib.to_dict(cfg)["model"]
-        shape_keys = ("family", "vocab_size", "seq_len", "num_layers", "embed_dim", "num_heads",
-                      "num_kv_heads", "head_dim", "mlp_dim", "scan_layers", "param_dtype")
-        for key in shape_keys:
-            if key in old and old[key] != new[key]:
+    if has_checkpoints and saved.exists():
+        old, new = json.loads(saved.read_text()), config_lib.to_dict(cfg)
+        keys = [("model", k) for k in ("family", "vocab_size", "seq_len", "num_layers", "embed_dim",
+                                       "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                                       "scan_layers", "param_dtype")]
+        keys += [("data", "source"), ("data", "tokenizer")]
+        for section, key in keys:
+            before = old.get(section, {}).get(key, new[section][key])
+            if before != new[section][key]:
                 raise ConfigError(
-                    f"run_dir={str(run_dir)!r} holds checkpoints of a model with model.{key}={old[key]!r}, "
-                    f"but this run has model.{key}={new[key]!r}. Use a new run_dir, or "
-                    "checkpoint.resume=false to start over in place."
+                    f"run_dir={str(run_dir)!r} holds checkpoints of a run with {section}.{key}={before!r}, "
+                    f"but this run has {section}.{key}={new[section][key]!r}. Use a new run_dir."
                 )
 
 
-def evaluate(eval_step: Any, params: Any, tokens: np.ndarray, cfg: Config,
-             batch_sharding: jax.sharding.Sharding, num_batches: int) -> float:
-    """Mean loss over `num_batches` fixed batches of `tokens` (the same batches every call)."""
-    total = 0.0
-    for i in range(num_batches):
-        batch = data_lib.global_batch(tokens, cfg.train.seed, i, "val", cfg.train.batch_size,
-                                      cfg.model.seq_len, batch_sharding)
-        total += float(eval_step(params, batch))
-    return total / num_batches
+def _check_corpus(cfg: Config, corpus: data_lib.Corpus) -> None:
+    """Data problems that would otherwise surface mid-run (or as a NaN loss)."""
+    m = cfg.model
+    if corpus.tokenizer.vocab_size > m.vocab_size:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                          f"{corpus.tokenizer.vocab_size}; set model.vocab_size={corpus.tokenizer.vocab_size}.")
+    top = int(max(corpus.train.max(), corpus.val.max()))
+    if top >= m.vocab_size:
+        raise ConfigError(f"data.source={cfg.data.source!r} contains token id {top}, but "
+                          f"model.vocab_size={m.vocab_size}; set model.vocab_size above {top}.")
+    for split, tokens in (("train", corpus.train), ("validation", corpus.val)):
+        if len(tokens) < m.seq_len + 2:
+            raise ConfigError(
+                f"The {split} split has {len(tokens)} tokens, fewer than model.seq_len+2={m.seq_len + 2}; "
+                "use more data, a shorter model.seq_len, or another data.val_fraction."
+            )
+    if cfg.logging.sample_tokens > 0:
+        try:
+            corpus.tokenizer.encode(cfg.logging.sample_prompt)
+        except ValueError as e:
+            raise ConfigError(f"logging.sample_prompt={cfg.logging.sample_prompt!r}: {e}.") from None
+
+
+def val_batches(corpus: data_lib.Corpus, cfg: Config, sharding: jax.sharding.Sharding,
+                num_batches: int) -> list[dict[str, jax.Array]]:
+    """The fixed validation batches (the same ones at every eval), already on the devices."""
+    return [data_lib.global_batch(corpus.val, cfg.train.seed, i, "val", cfg.train.batch_size,
+                                  cfg.model.seq_len, sharding) for i in range(num_batches)]
+
+
+def evaluate(eval_step: Any, params: Any, batches: list[dict[str, jax.Array]]) -> float:
+    """Mean loss over `batches`; one host sync at the end."""
+    return float(sum(eval_step(params, b) for b in batches)) / len(batches)
 
 
 def train(cfg: Config, devices: list | None = None) -> TrainResult:
     """Run (or resume) the training described by `cfg`; returns a `TrainResult`."""
     config_lib.validate(cfg)
     corpus = data_lib.load_corpus(cfg.data)
-    if corpus.tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{corpus.tokenizer.vocab_size}; set model.vocab_size={corpus.tokenizer.vocab_size}.")
+    _check_corpus(cfg, corpus)
     mesh = shd.make_mesh(cfg.mesh, devices)
     s = ts.setup(cfg, mesh)
     run_dir = Path(cfg.run_dir)
@@ -106,7 +137,7 @@ def train(cfg: Config, devices: list | None = None) -> TrainResult:
         (run_dir / "config.json").write_text(config_lib.to_json(cfg))
         (run_dir / "tokenizer.json").write_text(json.dumps(corpus.tokenizer.to_json()))
 
-    num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(s.abstract_params))
+    num_params = count_params(s.abstract_params)
     layout = " × ".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "1 device"
     _log(f"jaxsys: {cfg.preset or 'custom'} | {cfg.model.family} {num_params / 1e6:.2f}M params | "
          f"mesh {layout} ({mesh.devices.size} × {mesh.devices.flat[0].platform}) | "
@@ -126,6 +157,7 @@ def train(cfg: Config, devices: list | None = None) -> TrainResult:
     eval_fn = ts.compile_eval_step(s, cfg.train.batch_size)
     compile_seconds = time.perf_counter() - t0
     _log(f"Compiled train and eval steps in {compile_seconds:.1f}s")
+    val_data = val_batches(corpus, cfg, s.batch_sharding, cfg.train.eval_batches)
 
     writer = MetricWriter(run_dir, cfg.logging.tensorboard) if _is_main() else None
     tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
@@ -171,54 +203,55 @@ def train(cfg: Config, devices: list | None = None) -> TrainResult:
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
 
-    for step in range(start_step, cfg.train.steps):
-        batch = data_lib.global_batch(corpus.train, cfg.train.seed, step, "train",
-                                      cfg.train.batch_size, cfg.model.seq_len, s.batch_sharding)
-        state, metrics = step_fn(state, batch)
-        done = step + 1
-        pending.append((done, metrics))
-        drain(keep=1)  # read the previous step's metrics while this one runs
-        if bar is not None:
-            bar.update(1)
-        is_eval = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0
-        if is_eval or done == cfg.train.steps:
-            drain(keep=0)
-            val_loss = evaluate(eval_fn, state.params, corpus.val, cfg, s.batch_sharding,
-                                cfg.train.eval_batches)
-            if writer is not None:
-                writer.write(done, {"val_loss": val_loss})
+    try:
+        for step in range(start_step, cfg.train.steps):
+            batch = data_lib.global_batch(corpus.train, cfg.train.seed, step, "train",
+                                          cfg.train.batch_size, cfg.model.seq_len, s.batch_sharding)
+            state, metrics = step_fn(state, batch)
+            done = step + 1
+            pending.append((done, metrics))
+            drain(keep=1)  # read the previous step's metrics while this one runs
             if bar is not None:
-                bar.write(f"step {done}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
-            else:
-                _log(f"step {done}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
-        if manager is not None and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps):
-            ckpt.save(manager, done, state)
-    drain(keep=0)
-    if start_step >= cfg.train.steps:
-        _log(f"Nothing to train: {run_dir} is already at step {start_step} (train.steps="
-             f"{cfg.train.steps}). Raise train.steps to continue, or use a new run_dir.")
-        val_loss = evaluate(eval_fn, state.params, corpus.val, cfg, s.batch_sharding,
-                            cfg.train.eval_batches)
+                bar.update(1)
+            is_eval = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0
+            if is_eval or done == cfg.train.steps:
+                drain(keep=0)
+                val_loss = evaluate(eval_fn, state.params, val_data)
+                if writer is not None:
+                    writer.write(done, {"val_loss": val_loss})
+                if bar is not None:
+                    bar.write(f"step {done}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
+                else:
+                    _log(f"step {done}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
+            if manager is not None and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps):
+                drain(keep=0)  # check this step's loss is finite before it becomes a checkpoint
+                ckpt.save(manager, done, state)
+        drain(keep=0)
+        if start_step >= cfg.train.steps:
+            _log(f"Nothing to train: {run_dir} is already at step {start_step} (train.steps="
+                 f"{cfg.train.steps}). Raise train.steps to continue, or use a new run_dir.")
+            val_loss = evaluate(eval_fn, state.params, val_data)
+    finally:  # also on errors: let started saves finish so they are never half-written
+        if bar is not None:
+            bar.close()
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
+        if writer is not None:
+            writer.close()
     train_seconds = time.perf_counter() - loop_start
-    if bar is not None:
-        bar.close()
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
-    if writer is not None:
-        writer.close()
 
-    steps_run = cfg.train.steps - start_step
+    steps_run = max(0, cfg.train.steps - start_step)
     mean_tok_s = steps_run * tokens_per_step / train_seconds if steps_run else 0.0
     _log(f"Done: {steps_run} steps in {train_seconds:.1f}s ({mean_tok_s:,.0f} tokens/s), "
          f"compile {compile_seconds:.1f}s; final val loss {val_loss:.4f}")
 
     sample = ""
-    if cfg.logging.sample_tokens > 0 and _is_main():
+    if cfg.logging.sample_tokens > 0 and jax.process_count() == 1:
         sample = sample_text(s.model, state.params, corpus.tokenizer, cfg.logging.sample_prompt,
                              cfg.logging.sample_tokens, seed=cfg.train.seed)
         _log("-" * 60 + "\n" + sample + "\n" + "-" * 60)
-    return TrainResult(final_step=cfg.train.steps, start_step=start_step, train_loss=last_loss,
+    return TrainResult(final_step=max(start_step, cfg.train.steps), start_step=start_step, train_loss=last_loss,
                        val_loss=val_loss, compile_seconds=compile_seconds, train_seconds=train_seconds,
                        tokens_per_sec=mean_tok_s, num_params=num_params, losses=losses,
                        sample=sample, state=state)
@@ -228,11 +261,15 @@ def sample_text(model: Any, params: Any, tokenizer: data_lib.Tokenizer, prompt: 
                 max_new_tokens: int, temperature: float = 0.8, top_k: int = 0, seed: int = 0) -> str:
     """Decode `max_new_tokens` tokens after `prompt` with `generate`."""
     params = jax.device_put(params, jax.devices()[0])  # sampling is small: one device
-    prompt_ids = tokenizer.encode(prompt)
-    if len(prompt_ids) == 0:
-        prompt_ids = tokenizer.encode("\n")
+    try:
+        prompt_ids = tokenizer.encode(prompt or "\n")
+    except ValueError as e:
+        raise ConfigError(f"Prompt {prompt!r} cannot be encoded: {e}.") from None
+    if not 0 <= top_k <= tokenizer.vocab_size:
+        raise ConfigError(f"top_k={top_k} must be between 0 (off) and the vocabulary size {tokenizer.vocab_size}.")
     ids = generate(model, params, jax.numpy.asarray(prompt_ids), jax.random.key(seed),
-                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   num_tokens=tokenizer.vocab_size)
     return tokenizer.decode(np.asarray(ids))
 
 

@@ -89,3 +89,12 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path
     with pytest.raises(TrainingError, match=r"Loss became (nan|inf) at step \d+\. Lower optimizer.lr"):
         train(cfg, jax.devices()[:1])
     assert any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_resume_false_never_touches_existing_checkpoints(tmp_path):
+    devices = jax.devices()[:1]
+    train(run_cfg(tmp_path, 2), devices)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match="already holds checkpoints and checkpoint.resume=false"):
+        train(run_cfg(tmp_path, 2, "checkpoint.resume=false", "model.embed_dim=64"), devices)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before

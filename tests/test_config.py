@@ -1,6 +1,7 @@
 """Config overrides, presets and their error messages."""
 
 import json
+import re
 
 import pytest
 
@@ -66,7 +67,10 @@ def test_unknown_preset():
     (["model.family=llama", "model.num_heads=4", "model.num_kv_heads=3"], "not divisible by model.num_kv_heads=3"),
     (["train.batch_size=10", "train.microbatches=4"], "train.batch_size=10 is not divisible by train.microbatches=4"),
     (["data.val_fraction=1.5"], "data.val_fraction"),
+    (["train.log_every=0"], "train.log_every must be ≥ 1, got 0"),
+    (["train.eval_batches=0"], "train.eval_batches must be ≥ 1, got 0"),
+    (["model.dropout=1.0"], "model.dropout must be in [0, 1)"),
 ])
 def test_validation_errors(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         validate(apply_overrides(Config(), overrides))

@@ -60,3 +60,36 @@ def test_text_and_bin_sources(tmp_path):
     assert isinstance(corpus.train, np.memmap) and corpus.train[5] == 5 and len(corpus.val) == 100
     with pytest.raises(ConfigError, match="file not found"):
         data.load_corpus(DataConfig(source=str(tmp_path / "missing.txt")))
+
+
+def test_bad_data_is_refused_before_compiling(tmp_path):
+    from jaxsys.config import apply_overrides
+    from jaxsys.presets import tiny
+    from jaxsys.trainer import train
+
+    np.array([1, 2, 300, 4] * 100, dtype=np.uint16).tofile(tmp_path / "ids.bin")
+    cfg = apply_overrides(tiny(), [f"data.source={tmp_path / 'ids.bin'}", f"run_dir={tmp_path / 'r'}"])
+    with pytest.raises(ConfigError, match="contains token id 300, but model.vocab_size=256"):
+        train(cfg)
+    (tmp_path / "short.txt").write_text("x" * 100)
+    cfg = apply_overrides(tiny(), [f"data.source={tmp_path / 'short.txt'}", f"run_dir={tmp_path / 'r'}"])
+    with pytest.raises(ConfigError, match="validation split has 10 tokens"):
+        train(cfg)
+
+
+def test_sampling_stays_inside_a_small_tokenizer_vocabulary():
+    import jax
+    import jax.numpy as jnp
+    import flax.linen as nn
+    from jaxsys.model import Transformer
+    from jaxsys.presets import tiny
+    from jaxsys.sampling import generate
+
+    cfg = tiny().model  # vocabulary 256, but pretend the tokenizer only has 65 characters
+    params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    ids = generate(Transformer(cfg), params, jnp.array([1, 2, 3]), jax.random.key(1),
+                   max_new_tokens=64, temperature=1.0, num_tokens=65)
+    assert ids.shape == (67,) and int(ids.max()) < 65
+    unrestricted = generate(Transformer(cfg), params, jnp.array([1, 2, 3]), jax.random.key(1),
+                            max_new_tokens=64, temperature=1.0)
+    assert int(unrestricted.max()) >= 65  # without the limit, an untrained model strays outside
