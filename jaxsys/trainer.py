@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +48,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # every step's loss, this invocation
     sample: str = ""
     state: Any = None
+    stopped_by: str = ""  # "SIGTERM"/"SIGINT" when a signal ended the run early (checkpoint saved)
 
 
 def _is_main() -> bool:
@@ -122,6 +126,34 @@ def val_batches(corpus: data_lib.Corpus, cfg: Config, sharding: jax.sharding.Sha
 def evaluate(eval_step: Any, params: Any, batches: list[dict[str, jax.Array]]) -> float:
     """Mean loss over `batches`; one host sync at the end."""
     return float(sum(eval_step(params, b) for b in batches)) / len(batches)
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a request to stop after the current step (and save); a second
+    signal aborts at once. Handlers are installed only in the main thread."""
+
+    def __init__(self) -> None:
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name:  # second signal: stop now, with the default behaviour
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signal_name = signal.Signals(signum).name
+        _log(f"\n{self.signal_name} received: finishing this step and saving a checkpoint "
+             "(send it again to abort without saving).")
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def train(cfg: Config, devices: list | None = None) -> TrainResult:
@@ -203,44 +235,59 @@ def train(cfg: Config, devices: list | None = None) -> TrainResult:
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
 
-    try:
-        for step in range(start_step, cfg.train.steps):
-            batch = data_lib.global_batch(corpus.train, cfg.train.seed, step, "train",
-                                          cfg.train.batch_size, cfg.model.seq_len, s.batch_sharding)
-            state, metrics = step_fn(state, batch)
-            done = step + 1
-            pending.append((done, metrics))
-            drain(keep=1)  # read the previous step's metrics while this one runs
-            if bar is not None:
-                bar.update(1)
-            is_eval = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0
-            if is_eval or done == cfg.train.steps:
-                drain(keep=0)
-                val_loss = evaluate(eval_fn, state.params, val_data)
-                if writer is not None:
-                    writer.write(done, {"val_loss": val_loss})
+    with StopRequest() as stop:  # SIGTERM/SIGINT: stop after this step, with a checkpoint
+        try:
+            for step in range(start_step, cfg.train.steps):
+                batch = data_lib.global_batch(corpus.train, cfg.train.seed, step, "train",
+                                              cfg.train.batch_size, cfg.model.seq_len, s.batch_sharding)
+                state, metrics = step_fn(state, batch)
+                done = step + 1
+                pending.append((done, metrics))
+                drain(keep=1)  # read the previous step's metrics while this one runs
                 if bar is not None:
-                    bar.write(f"step {done}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
-                else:
-                    _log(f"step {done}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
-            if manager is not None and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps):
-                drain(keep=0)  # check this step's loss is finite before it becomes a checkpoint
-                ckpt.save(manager, done, state)
-        drain(keep=0)
-        if start_step >= cfg.train.steps:
-            _log(f"Nothing to train: {run_dir} is already at step {start_step} (train.steps="
-                 f"{cfg.train.steps}). Raise train.steps to continue, or use a new run_dir.")
-            val_loss = evaluate(eval_fn, state.params, val_data)
-    finally:  # also on errors: let started saves finish so they are never half-written
-        if bar is not None:
-            bar.close()
-        if manager is not None:
-            manager.wait_until_finished()
-            manager.close()
-        if writer is not None:
-            writer.close()
+                    bar.update(1)
+                is_eval = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0
+                if is_eval or done == cfg.train.steps:
+                    drain(keep=0)
+                    val_loss = evaluate(eval_fn, state.params, val_data)
+                    if writer is not None:
+                        writer.write(done, {"val_loss": val_loss})
+                    if bar is not None:
+                        bar.write(f"step {done}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
+                    else:
+                        _log(f"step {done}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
+                if manager is not None and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps
+                                            or stop.signal_name):
+                    drain(keep=0)  # check this step's loss is finite before it becomes a checkpoint
+                    ckpt.save(manager, done, state)
+                if stop.signal_name:
+                    break
+            drain(keep=0)
+            if start_step >= cfg.train.steps:
+                _log(f"Nothing to train: {run_dir} is already at step {start_step} (train.steps="
+                     f"{cfg.train.steps}). Raise train.steps to continue, or use a new run_dir.")
+                val_loss = evaluate(eval_fn, state.params, val_data)
+        finally:  # also on errors: let started saves finish so they are never half-written
+            if bar is not None:
+                bar.close()
+            if manager is not None:
+                manager.wait_until_finished()
+                manager.close()
+            if writer is not None:
+                writer.close()
     train_seconds = time.perf_counter() - loop_start
 
+    if stop.signal_name:
+        final = start_step + len(losses)
+        where = (f"checkpoint step {final} saved in {run_dir / 'checkpoints'}" if manager is not None
+                 else "no checkpoint (checkpoint.every=0)")
+        _log(f"Stopped by {stop.signal_name} after step {final}: {where}. "
+             "Run the same command again to resume.")
+        return TrainResult(final_step=final, start_step=start_step, train_loss=last_loss,
+                           val_loss=val_loss, compile_seconds=compile_seconds,
+                           train_seconds=time.perf_counter() - loop_start, tokens_per_sec=0.0,
+                           num_params=num_params, losses=losses, state=state,
+                           stopped_by=stop.signal_name)
     steps_run = max(0, cfg.train.steps - start_step)
     mean_tok_s = steps_run * tokens_per_step / train_seconds if steps_run else 0.0
     _log(f"Done: {steps_run} steps in {train_seconds:.1f}s ({mean_tok_s:,.0f} tokens/s), "
