@@ -130,6 +130,10 @@ class TrainConfig:
     eval_every: int = 250
     eval_batches: int = 20
     log_every: int = 10
+    # A step whose loss or gradients are not finite is skipped (no update, counted in the
+    # metrics as `skipped`); this many skips in a row stop the run.
+    max_consecutive_skips: int = 5
+    nan_steps: tuple[int, ...] = ()  # testing aid: these steps' losses are poisoned with NaN
 
 
 @dataclass(frozen=True)
@@ -301,7 +305,8 @@ def validate(cfg: Config) -> None:
                             ("train.microbatches", t.microbatches, 1), ("model.seq_len", m.seq_len, 1),
                             ("train.log_every", t.log_every, 1), ("train.eval_batches", t.eval_batches, 1),
                             ("train.eval_every", t.eval_every, 0), ("checkpoint.every", c.every, 0),
-                            ("checkpoint.keep", c.keep, 1), ("model.num_layers", m.num_layers, 1)):
+                            ("checkpoint.keep", c.keep, 1), ("model.num_layers", m.num_layers, 1),
+                            ("train.max_consecutive_skips", t.max_consecutive_skips, 1)):
         if value < low:
             raise ConfigError(f"{key} must be ≥ {low}, got {value}.")
     if not 0.0 <= m.dropout < 1.0:

@@ -76,9 +76,12 @@ def decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
 
 
 def make_optimizer(cfg: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Clip by global norm (if `grad_clip` > 0), then AdamW with the decay mask."""
+    """Clip by global norm (if `grad_clip` > 0), then AdamW with the decay mask, inside
+    `optax.apply_if_finite`: a step with non-finite gradients changes neither the parameters
+    nor the moments (its state counts such steps; the trainer decides when to give up)."""
     adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                         mask=lambda p: decay_mask(p, cfg.decay_embeddings))
     if cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
-    return adamw
+        adamw = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    # The trainer stops after train.max_consecutive_skips; never let Optax apply a bad update.
+    return optax.apply_if_finite(adamw, max_consecutive_errors=2**31 - 1)

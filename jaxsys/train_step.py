@@ -110,6 +110,8 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
     base_key = jax.random.key(cfg.train.seed + 1)
     grad_fn = jax.value_and_grad(lambda p, b, k: loss_fn(s.model, p, b, k))
 
+    nan_steps = jnp.asarray(cfg.train.nan_steps or (-1,), jnp.int32)
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(base_key, state.step) if use_dropout else None
         if num_micro == 1:
@@ -138,9 +140,15 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
             grads = jax.tree_util.tree_map(lambda a, p: (a / num_micro).astype(p.dtype), grad_sum,
                                            state.params)
 
+        if cfg.train.nan_steps:  # testing aid: poison the loss and gradients of chosen steps
+            poison = jnp.where(jnp.isin(state.step + 1, nan_steps), jnp.nan, 1.0)
+            loss = loss * poison
+            grads = jax.tree_util.tree_map(lambda g: g * poison.astype(g.dtype), grads)
         updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": s.schedule(state.step)}
+        params = optax.apply_updates(state.params, updates)  # zero updates when skipped
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": s.schedule(state.step),
+                   "skipped": 1.0 - opt_state.last_finite.astype(jnp.float32),
+                   "skipped_total": opt_state.total_notfinite.astype(jnp.float32)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

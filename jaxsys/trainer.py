@@ -8,7 +8,6 @@ for the device except at log, eval and checkpoint steps.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import threading
@@ -207,19 +206,26 @@ def train(cfg: Config, devices: list | None = None) -> TrainResult:
     window_start, window_step = time.perf_counter(), start_step
     loop_start = time.perf_counter()
     last_loss, val_loss, tok_s = float("nan"), float("nan"), 0.0
+    consecutive_skips = 0
 
     def drain(keep: int) -> None:
         """Read back all but the newest `keep` pending metrics; log those on log steps."""
-        nonlocal last_loss, window_start, window_step, tok_s
+        nonlocal last_loss, window_start, window_step, tok_s, consecutive_skips
         while len(pending) > keep:
             step_done, m = pending.pop(0)
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             last_loss = m["loss"]
             losses.append(last_loss)
-            if not math.isfinite(last_loss):
+            consecutive_skips = consecutive_skips + 1 if m["skipped"] else 0
+            if m["skipped"]:
+                _log(f"step {step_done}: loss {last_loss}, gradient norm {m['grad_norm']}: update "
+                     f"skipped ({consecutive_skips} in a row, {int(m['skipped_total'])} in all)")
+            if consecutive_skips >= cfg.train.max_consecutive_skips:
                 saved = manager.latest_step() if manager is not None else None
                 raise TrainingError(
-                    f"Loss became {last_loss} at step {step_done}. Lower optimizer.lr or raise "
+                    f"{consecutive_skips} steps in a row up to step {step_done} had a non-finite loss "
+                    f"or gradients (last loss {last_loss}); stopping (train.max_consecutive_skips="
+                    f"{cfg.train.max_consecutive_skips}). Lower optimizer.lr or raise "
                     f"schedule.warmup_steps. Last good checkpoint: "
                     f"{f'step {saved} in {run_dir}/checkpoints (untouched)' if saved is not None else 'none'}."
                 )

@@ -1,5 +1,7 @@
 """Checkpoints: resume equals an uninterrupted run; restore onto other meshes; clear errors."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from jaxsys import checkpoint as ckpt
 from jaxsys import sharding as shd
 from jaxsys import train_step as ts
 from jaxsys.config import ConfigError, apply_overrides
-from jaxsys.trainer import train
+from jaxsys.trainer import TrainingError, train
 
 QUIET = ("logging.progress=false", "logging.tensorboard=false", "logging.sample_tokens=0")
 
@@ -83,12 +85,27 @@ def test_restore_without_checkpoint_raises(tmp_path):
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path):
     from jaxsys.trainer import TrainingError
-    # A learning rate of 1e30 blows the weights up within a few steps.
-    cfg = run_cfg(tmp_path, 12, "optimizer.lr=1e30", "schedule.kind=constant", "schedule.warmup_steps=0",
-                  "optimizer.grad_clip=0", "checkpoint.every=1")
-    with pytest.raises(TrainingError, match=r"Loss became (nan|inf) at step \d+\. Lower optimizer.lr"):
+    # A learning rate of 1e30 blows the weights up within a few steps; then every step is skipped.
+    cfg = run_cfg(tmp_path, 40, "optimizer.lr=1e30", "schedule.kind=constant", "schedule.warmup_steps=0",
+                  "optimizer.grad_clip=0", "checkpoint.every=1", "train.max_consecutive_skips=3")
+    with pytest.raises(TrainingError, match=r"3 steps in a row up to step \d+ had a non-finite loss"):
         train(cfg, jax.devices()[:1])
     assert any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_a_poisoned_step_is_skipped_and_counted(tmp_path):
+    devices = jax.devices()[:1]
+    clean = train(run_cfg(tmp_path / "a", 4, "checkpoint.every=100"), devices)
+    poisoned = train(run_cfg(tmp_path / "b", 4, "checkpoint.every=100", "train.nan_steps=3"), devices)
+    assert np.isnan(poisoned.losses[2]) and poisoned.losses[:2] == clean.losses[:2]
+    # Step 3 changed nothing, so step 4 sees step 2's parameters: it differs from the clean run.
+    assert np.isfinite(poisoned.losses[3]) and poisoned.losses[3] != clean.losses[3]
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    skipped = {r["step"]: r["skipped"] for r in rows if "skipped" in r}
+    assert skipped == {1: 0.0, 2: 0.0, 3: 1.0, 4: 0.0}
+    assert [r["skipped_total"] for r in rows if "skipped_total" in r][-1] == 1.0
+    with pytest.raises(TrainingError, match="2 steps in a row up to step 3"):
+        train(run_cfg(tmp_path / "c", 6, "train.nan_steps=2,3", "train.max_consecutive_skips=2"), devices)
 
 
 def test_resume_false_never_touches_existing_checkpoints(tmp_path):

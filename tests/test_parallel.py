@@ -62,7 +62,7 @@ def test_fsdp_really_shards_params_and_optimizer_state():
     wq = state.params["layers"]["attn"]["wq"]  # [layers, embed, heads, head_dim]
     assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
     assert wq.addressable_shards[0].data.shape[1] == wq.shape[1] // 4
-    adam_mu = state.opt_state[1][0].mu["layers"]["attn"]["wq"]
+    adam_mu = state.opt_state.inner_state[1][0].mu["layers"]["attn"]["wq"]  # apply_if_finite(chain(clip, adamw))
     assert adam_mu.sharding.spec == wq.sharding.spec
     dp_wq = ts.init_state(layout(tiny_cfg("mesh.data=8")), seed=0).params["layers"]["attn"]["wq"]
     assert dp_wq.addressable_shards[0].data.shape == dp_wq.shape  # data parallel: replicated
