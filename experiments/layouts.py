@@ -37,6 +37,8 @@ import argparse
 import os
 import time
 
+from jaxsys.cli import simulate_cpu_devices  # imports no jax
+
 # Applied before the caller's overrides so that the default run fits in a few CPU minutes.
 PRESET_DEFAULTS = {"shakespeare": ["model.seq_len=64", "train.batch_size=32"]}
 
@@ -59,8 +61,7 @@ def parse_args() -> argparse.Namespace:
 
 def simulate_devices(n: int) -> None:
     """Ask XLA for `n` host devices; must run before jax is imported."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+    simulate_cpu_devices(n)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 

@@ -16,9 +16,10 @@ finds; on CPU the numbers depend on the core count and on other load.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
+
+from jaxsys.cli import simulate_cpu_devices  # imports no jax
 
 
 def main() -> None:
@@ -28,8 +29,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--devices", type=int, default=0, help="simulate N CPU devices (0: real devices)")
     args = ap.parse_intermixed_args()
-    if args.devices:
-        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    simulate_cpu_devices(args.devices)
 
     import jax
 

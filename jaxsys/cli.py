@@ -15,7 +15,8 @@ import os
 import sys
 
 
-def _simulate_devices(n: int | None) -> None:
+def simulate_cpu_devices(n: int | None) -> None:
+    """Ask XLA for `n` host (CPU) devices; call before jax is imported (None/0: leave as is)."""
     if not n:
         return
     flag = f"--xla_force_host_platform_device_count={n}"
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _simulate_devices(getattr(args, "devices", None))
+    simulate_cpu_devices(getattr(args, "devices", None))
     from jaxsys.config import ConfigError
     from jaxsys.trainer import TrainingError
     try:

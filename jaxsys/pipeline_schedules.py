@@ -99,19 +99,22 @@ def gpipe(p: int, m: int) -> Schedule:
     return _simulate("gpipe", p, m, 1, False, [list(prog) for _ in range(p)])
 
 
+def _one_f_one_b_order(fwd: list[Op], bwd: list[Op], warm: int) -> list[Op]:
+    """`warm` forwards, then alternate one forward and one backward, then the rest backward."""
+    steady = len(fwd) - warm
+    prog = fwd[:warm]
+    for k in range(steady):
+        prog += [fwd[warm + k], bwd[k]]
+    return prog + bwd[steady:]
+
+
 def one_f_one_b(p: int, m: int) -> Schedule:
     """1F1B (PipeDream-flush): p−s−1 warm-up forwards on stage s, then alternate F and B, so at
     most p−s microbatches' activations are alive on stage s, whatever m is."""
     if m < p:
         raise ScheduleError(f"1F1B needs microbatches ≥ stages, got m={m} < p={p}.")
-    programs = []
-    for s in range(p):
-        warm = min(p - s - 1, m)
-        prog = [Op("F", i) for i in range(warm)]
-        for i in range(m - warm):
-            prog += [Op("F", warm + i), Op("B", i)]
-        prog += [Op("B", i) for i in range(m - warm, m)]
-        programs.append(prog)
+    fwd, bwd = [Op("F", i) for i in range(m)], [Op("B", i) for i in range(m)]
+    programs = [_one_f_one_b_order(fwd, bwd, p - s - 1) for s in range(p)]
     return _simulate("1f1b", p, m, 1, False, programs)
 
 
@@ -123,14 +126,8 @@ def interleaved_1f1b(p: int, m: int, v: int) -> Schedule:
         raise ScheduleError(f"interleaved 1F1B needs microbatches divisible by stages, got m={m}, p={p}.")
     fwd = [Op("F", g * p + i, c) for g in range(m // p) for c in range(v) for i in range(p)]
     bwd = [Op("B", g * p + i, c) for g in range(m // p) for c in reversed(range(v)) for i in range(p)]
-    programs = []
-    for s in range(p):
-        warm = min((p - s - 1) * 2 + (v - 1) * p, m * v)
-        prog = fwd[:warm]
-        for k in range(m * v - warm):
-            prog += [fwd[warm + k], bwd[k]]
-        prog += bwd[m * v - warm:]
-        programs.append(prog)
+    programs = [_one_f_one_b_order(fwd, bwd, min((p - s - 1) * 2 + (v - 1) * p, m * v))
+                for s in range(p)]
     return _simulate("interleaved-1f1b", p, m, v, False, programs)
 
 
@@ -140,22 +137,16 @@ def zb_h1(p: int, m: int) -> Schedule:
     time; activation memory stays at 1F1B's bound of p−s microbatches on stage s."""
     if m < p:
         raise ScheduleError(f"ZB-H1 needs microbatches ≥ stages, got m={m} < p={p}.")
+    fwd, bwd = [Op("F", i) for i in range(m)], [Op("B", i) for i in range(m)]
     programs = []
     for s in range(p):
-        warm = min(p - s - 1, m)
-        prog = [Op("F", i) for i in range(warm)]
-        for i in range(m - warm):
-            prog += [Op("F", warm + i), Op("B", i)]
-            if i >= s:  # stage s lags its W by s microbatches: later stages wait less
-                prog.append(Op("W", i - s))
-        done_w = max(0, m - warm - s)
-        for i in range(m - warm, m):
-            prog.append(Op("B", i))
-            if done_w < m and done_w <= i - s:
-                prog.append(Op("W", done_w))
-                done_w += 1
-        prog += [Op("W", i) for i in range(done_w, m)]
-        programs.append(prog)
+        prog, next_w = [], 0
+        for op in _one_f_one_b_order(fwd, bwd, p - s - 1):
+            prog.append(op)
+            if op.kind == "B" and next_w <= op.mb - s:  # stage s lags its W by s microbatches
+                prog.append(Op("W", next_w))
+                next_w += 1
+        programs.append(prog + [Op("W", i) for i in range(next_w, m)])
     return _simulate("zb-h1", p, m, 1, True, programs)
 
 
