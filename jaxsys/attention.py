@@ -5,16 +5,19 @@ G = H // K query heads per KV head), D head size.
 
 - ``xla``: plain `jnp` reference; grouped-query attention without repeating K/V.
 - ``cudnn``: `jax.nn.dot_product_attention(implementation="cudnn")`; NVIDIA GPUs only.
-- ``pallas``: the flash-attention kernel from `pallas_kernels` (a separate deliverable).
+- ``pallas``: the flash-attention kernel from `pallas_kernels.flash_attention` (compiled on
+  GPU, interpret mode elsewhere), under `shard_map` when a mesh is active.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
+from jaxsys import sharding as shd
 from jaxsys.config import ConfigError
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
@@ -63,16 +66,52 @@ def cudnn_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
                                         implementation="cudnn")
 
 
+def _dividing_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: jax.sharding.Mesh,
+                   rules: shd.Rules) -> jax.sharding.PartitionSpec:
+    """The rules' spec, with dimensions that do not divide over their mesh axes left whole
+    (e.g. the batch of 1 that initialisation traces with)."""
+    spec = shd.logical_to_spec(logical, rules)
+    entries = []
+    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        entries.append(axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None)
+    return jax.sharding.PartitionSpec(*entries)
+
+
 def pallas_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
                      causal: bool = True, scale: float | None = None) -> jax.Array:
+    """The Pallas flash-attention kernel (compiled on GPU, interpreted elsewhere).
+
+    A pallas_call cannot be partitioned by GSPMD, so under `activation_sharding` the kernel runs
+    inside `jax.shard_map`: batch split as the rules split `batch` (data × fsdp), heads as they
+    split `heads`/`kv_heads` (tensor), the whole sequence on every device. Query head h of a
+    shard still reads K/V head h // G of that shard, because heads are split in contiguous
+    blocks of whole groups.
+    """
     try:
-        from pallas_kernels.flash_attention import flash_attention  # type: ignore[import-not-found]
+        from pallas_kernels.flash_attention import (check_supported, flash_attention,
+                                                    resolve_interpret)
     except ImportError:
         raise ConfigError(
             "model.attention=pallas: the Pallas flash-attention kernel is not available in this "
             "version (pallas_kernels.flash_attention is missing); use model.attention=xla or cudnn."
         ) from None
-    return flash_attention(q_BTHD, k_BSKD, v_BSKD, causal=causal, sm_scale=scale)
+    interpret = resolve_interpret(None)
+    try:
+        check_supported(q_BTHD.shape, k_BSKD.shape, v_BSKD.shape, q_BTHD.dtype, interpret=interpret,
+                        causal=causal)
+    except ValueError as e:
+        raise ConfigError(f"model.attention=pallas: {e} Use model.attention=xla for this "
+                          "model, or change model.head_dim / model.compute_dtype.") from None
+    kernel = functools.partial(flash_attention, causal=causal, sm_scale=scale, interpret=interpret)
+    active = shd.active()
+    if active is None:
+        return kernel(q_BTHD, k_BSKD, v_BSKD)
+    mesh, rules = active
+    q_spec = _dividing_spec(("batch", None, "heads", "head_dim"), q_BTHD.shape, mesh, rules)
+    kv_spec = _dividing_spec(("batch", None, "kv_heads", "head_dim"), k_BSKD.shape, mesh, rules)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                         check_vma=False)(q_BTHD, k_BSKD, v_BSKD)
 
 
 def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *, impl: str = "xla",

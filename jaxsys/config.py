@@ -72,6 +72,12 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     pipe: int = 1
+    # What the `fsdp` axis (the ZeRO axis) shards: 0 nothing (plain data parallel), 1 the AdamW
+    # moments, 2 + gradients, 3 + parameters (FSDP). `data` always replicates.
+    zero_stage: int = 3
+    # Megatron sequence parallelism: norms/residual/dropout regions split along the sequence
+    # over `tensor` (all-gather + reduce-scatter instead of all-reduce).
+    sequence_parallel: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,26 @@ class TrainConfig:
     # metrics as `skipped`); this many skips in a row stop the run.
     max_consecutive_skips: int = 5
     nan_steps: tuple[int, ...] = ()  # testing aid: these steps' losses are poisoned with NaN
+    # After max_consecutive_skips: "stop" the run, or "rollback": restore the last checkpoint
+    # from before the bad steps and continue with the data *after* them (at most max_rollbacks
+    # times per run_dir, logged in <run_dir>/rollbacks.json).
+    on_nan: Literal["stop", "rollback"] = "stop"
+    max_rollbacks: int = 3
+    # Testing aid: these train batches (by data index) hold out-of-range token ids, which the
+    # embedding lookup turns into NaN (mesh.tensor=1 only: the vocab-parallel lookup zeroes them).
+    nan_batches: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Pipeline parallelism over `mesh.pipe` stages (used when mesh.pipe > 1; needs
+    model.scan_layers). Each step's batch (per `train.microbatches` accumulation step) is split
+    into `microbatches` pipeline microbatches of equal size; `virtual_stages` layer chunks per
+    device (v ≥ 2 only with the interleaved schedule)."""
+
+    schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"] = "1f1b"
+    microbatches: int = 0  # 0 = mesh.pipe (the fewest 1F1B accepts)
+    virtual_stages: int = 1
 
 
 @dataclass(frozen=True)
@@ -162,6 +188,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_dir: str = "runs/default"
@@ -306,10 +333,59 @@ def validate(cfg: Config) -> None:
                             ("train.log_every", t.log_every, 1), ("train.eval_batches", t.eval_batches, 1),
                             ("train.eval_every", t.eval_every, 0), ("checkpoint.every", c.every, 0),
                             ("checkpoint.keep", c.keep, 1), ("model.num_layers", m.num_layers, 1),
-                            ("train.max_consecutive_skips", t.max_consecutive_skips, 1)):
+                            ("train.max_consecutive_skips", t.max_consecutive_skips, 1),
+                            ("train.max_rollbacks", t.max_rollbacks, 0)):
         if value < low:
             raise ConfigError(f"{key} must be ≥ {low}, got {value}.")
+    if cfg.mesh.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"mesh.zero_stage={cfg.mesh.zero_stage} is not one of 0, 1, 2, 3 (0 plain data "
+                          "parallel, 1 optimizer state, 2 + gradients, 3 + parameters sharded over fsdp).")
+    if t.nan_batches and cfg.mesh.tensor > 1:
+        raise ConfigError("train.nan_batches poisons batches with out-of-range token ids, which the "
+                          "vocab-parallel embedding (mesh.tensor > 1) ignores; use mesh.tensor=1 or train.nan_steps.")
+    if t.on_nan == "rollback" and c.every == 0:
+        raise ConfigError("train.on_nan=rollback needs checkpoints to roll back to; set checkpoint.every > 0 "
+                          "or use train.on_nan=stop.")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}.")
+    _validate_pipeline(cfg)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}.")
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    """Pipeline settings that cannot work with this model, mesh or batch (`mesh.pipe` > 1)."""
+    pl, p, m = cfg.pipeline, cfg.mesh.pipe, cfg.model
+    if pl.microbatches < 0 or pl.virtual_stages < 1:
+        raise ConfigError(f"pipeline.microbatches must be ≥ 0 and pipeline.virtual_stages ≥ 1, got "
+                          f"{pl.microbatches} and {pl.virtual_stages}.")
+    if p <= 1:
+        return
+    v, micro = pl.virtual_stages, pl.microbatches or p
+    interleaved = pl.schedule == "interleaved-1f1b"
+    if not m.scan_layers:
+        raise ConfigError("mesh.pipe > 1 needs stacked layers: set model.scan_layers=true (the "
+                          "pipeline splits the stacked [layers, ...] parameters over `pipe`).")
+    if m.dropout > 0:
+        raise ConfigError("model.dropout > 0 is not supported with mesh.pipe > 1; set model.dropout=0.")
+    if interleaved and v < 2:
+        raise ConfigError("pipeline.schedule=interleaved-1f1b needs pipeline.virtual_stages ≥ 2.")
+    if not interleaved and v != 1:
+        raise ConfigError(f"pipeline.virtual_stages={v} needs pipeline.schedule=interleaved-1f1b; "
+                          "set pipeline.virtual_stages=1 for the other schedules.")
+    if m.num_layers % (p * v):
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by mesh.pipe × pipeline.virtual_stages "
+            f"= {p} × {v} = {p * v}; use a multiple of {p * v} layers or another mesh.pipe.")
+    if pl.schedule != "gpipe" and micro < p:
+        raise ConfigError(f"pipeline.schedule={pl.schedule} needs pipeline.microbatches ≥ mesh.pipe, "
+                          f"got {micro} < {p}; use pipeline.microbatches={p} or more (or gpipe).")
+    if interleaved and micro % p:
+        raise ConfigError(f"pipeline.schedule=interleaved-1f1b needs pipeline.microbatches divisible "
+                          f"by mesh.pipe={p}, got {micro}.")
+    step_batch = cfg.train.batch_size // cfg.train.microbatches
+    if step_batch % micro:
+        raise ConfigError(
+            f"The per-step batch of {step_batch} sequences (train.batch_size / train.microbatches) is "
+            f"not divisible by pipeline.microbatches={micro}; use a train.batch_size that is a "
+            f"multiple of {micro * cfg.train.microbatches}.")

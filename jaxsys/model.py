@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jaxsys.attention import attention
 from jaxsys.config import ModelConfig
 from jaxsys.sharding import constrain
+from jaxsys.tensor_parallel import column_parallel, embed_lookup, row_parallel
 
 REMAT_POLICIES = {
     "full": None,  # save nothing inside a block: recompute it all in the backward pass
@@ -32,7 +33,9 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-_ACT_BTD = ("batch", "seq", "embed")
+# The residual stream: its sequence axis has its own logical name so that sequence parallelism
+# can split it over `tensor` while attention's `seq` stays whole (heads use `tensor` there).
+_ACT_BTD = ("batch", "residual_seq", "embed")
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
@@ -95,9 +98,15 @@ class Attention(nn.Module):
         wv_DKE = _param(self, "wv", (D, K, E), ("embed", "kv_heads", "head_dim"), 0.02, pdt)
         wo_HED = _param(self, "wo", (H, E, D), ("heads", "head_dim", "embed"), out_std, pdt)
 
-        q_BTHE = jnp.einsum("btd,dhe->bthe", x_BTD, wq_DHE.astype(cdt))
-        k_BTKE = jnp.einsum("btd,dke->btke", x_BTD, wk_DKE.astype(cdt))
-        v_BTKE = jnp.einsum("btd,dke->btke", x_BTD, wv_DKE.astype(cdt))
+        # One fused QKV matmul (as Megatron): under tensor parallelism its backward all-reduces
+        # one dx, where three separate matmuls would all-reduce three. G query heads per KV head.
+        B, T, G = x_BTD.shape[0], x_BTD.shape[1], H // K
+        w_DKSE = jnp.concatenate([wq_DHE.reshape(D, K, G, E), wk_DKE[:, :, None], wv_DKE[:, :, None]], 2)
+        qkv_BTKSE = column_parallel("btd,dkse->btkse", x_BTD, w_DKSE.astype(cdt),  # SP: all-gather T
+                                    ("embed", "kv_heads", None, "head_dim"),
+                                    ("batch", "seq", "kv_heads", None, "head_dim"))
+        q_BTHE = qkv_BTKSE[:, :, :, :G].reshape(B, T, H, E)
+        k_BTKE, v_BTKE = qkv_BTKSE[:, :, :, G], qkv_BTKSE[:, :, :, G + 1]
         if cfg.family == "gpt2":
             q_BTHE += _param(self, "bq", (H, E), ("heads", "head_dim"), 0.0, pdt).astype(cdt)
             k_BTKE += _param(self, "bk", (K, E), ("kv_heads", "head_dim"), 0.0, pdt).astype(cdt)
@@ -111,7 +120,9 @@ class Attention(nn.Module):
 
         o_BTHE = attention(q_BTHE, k_BTKE, v_BTKE, impl=cfg.attention, causal=True)
         o_BTHE = constrain(o_BTHE, ("batch", "seq", "heads", "head_dim"))
-        y_BTD = jnp.einsum("bthe,hed->btd", o_BTHE, wo_HED.astype(cdt))
+        # Row-parallel: all-reduce of the partial sums into the residual (SP: reduce-scatter).
+        y_BTD = row_parallel("bthe,hed->btd", o_BTHE, wo_HED.astype(cdt),
+                             ("batch", "seq", "heads", "head_dim"), ("heads", "head_dim", "embed"), _ACT_BTD)
         if cfg.family == "gpt2":
             y_BTD += _param(self, "bo", (D,), ("embed",), 0.0, pdt).astype(cdt)
         return y_BTD
@@ -129,17 +140,21 @@ class Mlp(nn.Module):
         if cfg.family == "gpt2":
             wi_DF = _param(self, "wi", (D, F), ("embed", "mlp"), 0.02, pdt)
             bi_F = _param(self, "bi", (F,), ("mlp",), 0.0, pdt)
-            h_BTF = jnp.einsum("btd,df->btf", x_BTD, wi_DF.astype(cdt)) + bi_F.astype(cdt)
+            h_BTF = column_parallel("btd,df->btf", x_BTD, wi_DF.astype(cdt), ("embed", "mlp"),
+                                    ("batch", "seq", "mlp")) + bi_F.astype(cdt)
             h_BTF = jax.nn.gelu(h_BTF, approximate=True)
         else:
             wg_DF = _param(self, "wi_gate", (D, F), ("embed", "mlp"), 0.02, pdt)
             wu_DF = _param(self, "wi_up", (D, F), ("embed", "mlp"), 0.02, pdt)
-            gate_BTF = jnp.einsum("btd,df->btf", x_BTD, wg_DF.astype(cdt))
-            up_BTF = jnp.einsum("btd,df->btf", x_BTD, wu_DF.astype(cdt))
+            # Fused gate/up matmul: one all-reduce of dx in the backward under TP, not two.
+            gu_BTSF = column_parallel("btd,dsf->btsf", x_BTD, jnp.stack([wg_DF, wu_DF], 1).astype(cdt),
+                                      ("embed", None, "mlp"), ("batch", "seq", None, "mlp"))
+            gate_BTF, up_BTF = gu_BTSF[:, :, 0], gu_BTSF[:, :, 1]
             h_BTF = jax.nn.silu(gate_BTF) * up_BTF
         h_BTF = constrain(h_BTF, ("batch", "seq", "mlp"))
         wo_FD = _param(self, "wo", (F, D), ("mlp", "embed"), out_std, pdt)
-        y_BTD = jnp.einsum("btf,fd->btd", h_BTF, wo_FD.astype(cdt))
+        y_BTD = row_parallel("btf,fd->btd", h_BTF, wo_FD.astype(cdt), ("batch", "seq", "mlp"),
+                             ("mlp", "embed"), _ACT_BTD)  # all-reduce (SP: reduce-scatter)
         if cfg.family == "gpt2":
             y_BTD += _param(self, "bo", (D,), ("embed",), 0.0, pdt).astype(cdt)
         return y_BTD
@@ -177,10 +192,10 @@ class Transformer(nn.Module):
             raise ValueError(f"Input length {T} exceeds model.seq_len={cfg.seq_len}.")
         embed_VD = _param(self, "embed", (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), 0.02, pdt)
         positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-        x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(cdt)
+        pos_TD = None
         if cfg.family == "gpt2":
             pos_TD = _param(self, "pos_embed", (cfg.seq_len, cfg.embed_dim), (None, "embed"), 0.02, pdt)
-            x_BTD = x_BTD + pos_TD[:T].astype(cdt)
+        x_BTD = embed_tokens(cfg, embed_VD, pos_TD, tokens_BT)
         x_BTD = nn.Dropout(cfg.dropout, deterministic=self.deterministic)(x_BTD)
         x_BTD = constrain(x_BTD, _ACT_BTD)
 
@@ -203,9 +218,59 @@ class Transformer(nn.Module):
             head_DV = embed_VD.T
         else:
             head_DV = _param(self, "head", (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), 0.02, pdt)
-        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV.astype(cdt),
-                                preferred_element_type=jnp.float32)
-        return constrain(logits_BTV, ("batch", "seq", "vocab"))
+        return head_logits(cfg, x_BTD, head_DV)
+
+
+# The pieces of `Transformer.__call__` as functions of the parameter tree it creates, so that a
+# pipeline can run the embedding on its first stage, a slice of the stacked layers on each
+# stage and the head on its last stage with the model's own parameters (and checkpoints).
+
+
+def embed_tokens(cfg: ModelConfig, embed_VD: jax.Array, pos_TD: jax.Array | None,
+                 tokens_BT: jax.Array) -> jax.Array:
+    """Token (+ learned position, gpt2) embedding in `compute_dtype`: [B, T] -> [B, T, D]."""
+    x_BTD = embed_lookup(embed_VD, tokens_BT, _ACT_BTD).astype(cfg.compute_dtype)  # vocab-parallel under TP
+    if pos_TD is not None:
+        x_BTD = x_BTD + pos_TD[:tokens_BT.shape[1]].astype(cfg.compute_dtype)
+    return x_BTD
+
+
+def head_logits(cfg: ModelConfig, x_BTD: jax.Array, head_DV: jax.Array) -> jax.Array:
+    """Output projection of final-normed activations: [B, T, D] -> float32 [B, T, V]."""
+    # Vocab-parallel head (SP: all-gather along T first); the loss never gathers V.
+    return column_parallel("btd,dv->btv", x_BTD, head_DV.astype(cfg.compute_dtype), ("embed", "vocab"),
+                           ("batch", "seq", "vocab"), preferred_element_type=jnp.float32)
+
+
+def embed(cfg: ModelConfig, params: Any, tokens_BT: jax.Array) -> jax.Array:
+    """The input embedding from the model's parameter tree (no dropout): [B, T] -> [B, T, D]."""
+    embed_VD = constrain(params["embed"], ("vocab", "embed"))
+    pos_TD = constrain(params["pos_embed"], (None, "embed")) if cfg.family == "gpt2" else None
+    return constrain(embed_tokens(cfg, embed_VD, pos_TD, tokens_BT), _ACT_BTD)
+
+
+def apply_layers(cfg: ModelConfig, layers: Any, x_BTD: jax.Array) -> jax.Array:
+    """Stacked blocks (`params["layers"]`, or a slice of its leading axis) in order, with the
+    model's remat policy and no dropout: [B, T, D] -> [B, T, D]; equals the model's `nn.scan`."""
+    B, T = x_BTD.shape[:2]
+    positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+    def block(x_BTD: jax.Array, layer: Any) -> tuple[jax.Array, None]:
+        return Block(cfg).apply({"params": layer}, x_BTD, positions_BT)
+
+    if cfg.remat != "none":
+        block = jax.checkpoint(block, policy=REMAT_POLICIES[cfg.remat])
+    return jax.lax.scan(block, x_BTD, layers)[0]
+
+
+def head(cfg: ModelConfig, params: Any, x_BTD: jax.Array) -> jax.Array:
+    """Final norm and output head from the model's parameter tree: [B, T, D] -> float32 [B, T, V]."""
+    x_BTD = Norm(cfg).apply({"params": params["ln_final"]}, x_BTD)
+    if cfg.family == "gpt2":  # tied to the input embedding
+        head_DV = constrain(params["embed"], ("vocab", "embed")).T
+    else:
+        head_DV = constrain(params["head"], ("embed", "vocab"))
+    return head_logits(cfg, x_BTD, head_DV)
 
 
 def count_params(params: Any) -> int:

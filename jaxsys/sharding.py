@@ -9,7 +9,18 @@ vocab, layers). Two rule tables map them onto the mesh axes (data, fsdp, tensor,
 - FSDP / ZeRO-3: `fsdp` > 1. Every parameter's `embed` dimension is split over `fsdp`, so
   parameters, gradients and AdamW moments all live 1/fsdp per device; XLA all-gathers weights
   before use and reduce-scatters gradients. The batch is split over data × fsdp.
-- `tensor` and `pipe` are named now so later strategies are a new table, not a model edit.
+- ZeRO stages (`mesh.zero_stage`): the `fsdp` axis is the ZeRO axis. Stage 0 shards nothing
+  over it (plain data parallel), 1 the AdamW moments, 2 + gradients, 3 + parameters (= FSDP).
+  Each of parameters, gradients and optimizer state has its own table (`param_rules`,
+  `grad_rules`, `optimizer_rules`); `data` always replicates, so data × fsdp is hybrid sharding.
+- Tensor parallelism (Megatron): `heads`, `kv_heads`, `mlp` and `vocab` over `tensor`, so QKV
+  and the first MLP matmul are column-parallel and the output projections row-parallel; the
+  residual stream (`residual_seq`) is replicated over `tensor` and XLA all-reduces the partial
+  sums into it. The vocabulary-parallel embedding and cross-entropy are in `tensor_parallel`.
+- Sequence parallelism (`mesh.sequence_parallel`): `residual_seq` → `tensor`, so norms and
+  residual adds hold 1/tensor of the sequence; the all-reduce becomes a reduce-scatter into the
+  residual and an all-gather before the next column-parallel matmul. Attention's own `seq`
+  stays unsharded (a `seq` → tensor rule would clash with `heads` → tensor).
 
 The mesh uses `AxisType.Auto`: we state shardings for inputs, outputs and a few activations
 and let XLA's SPMD partitioner choose the collectives. (On `Explicit` meshes, the default of
@@ -42,7 +53,7 @@ PARAM_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("head_dim", None),
-    ("layers", None),
+    ("layers", "pipe"),  # stacked layers split into pipeline stages (jaxsys.pipeline)
 )
 
 ACTIVATION_RULES: Rules = (
@@ -54,7 +65,34 @@ ACTIVATION_RULES: Rules = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("head_dim", None),
+    ("residual_seq", None),  # the residual stream's sequence axis; -> tensor with SP
 )
+
+
+def param_rules(mesh_cfg: MeshConfig) -> Rules:
+    """Rules for stored parameters: split over `fsdp` only at ZeRO-3."""
+    return PARAM_RULES if mesh_cfg.zero_stage >= 3 else _without_fsdp(PARAM_RULES)
+
+
+def grad_rules(mesh_cfg: MeshConfig) -> Rules:
+    """Rules for gradients: reduce-scattered over `fsdp` from ZeRO-2 on, else all-reduced."""
+    return PARAM_RULES if mesh_cfg.zero_stage >= 2 else _without_fsdp(PARAM_RULES)
+
+
+def optimizer_rules(mesh_cfg: MeshConfig) -> Rules:
+    """Rules for the AdamW moments: split over `fsdp` from ZeRO-1 on."""
+    return PARAM_RULES if mesh_cfg.zero_stage >= 1 else _without_fsdp(PARAM_RULES)
+
+
+def activation_rules(mesh_cfg: MeshConfig) -> Rules:
+    """Rules for activations; with sequence parallelism the residual stream is split over tensor."""
+    if not mesh_cfg.sequence_parallel:
+        return ACTIVATION_RULES
+    return tuple((k, "tensor" if k == "residual_seq" else v) for k, v in ACTIVATION_RULES)
+
+
+def _without_fsdp(rules: Rules) -> Rules:
+    return tuple((k, None if v == "fsdp" else v) for k, v in rules)
 
 
 # ----------------------------------------------------------------------------- mesh
@@ -87,10 +125,6 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]
             f"(e.g. set mesh.data=-1 to use the rest); on CPU, `jaxsys train --devices {fixed}` "
             f"simulates {fixed} devices."
         )
-    if sizes["pipe"] > 1:
-        raise ConfigError(
-            "mesh.pipe > 1: pipeline parallelism is not implemented yet; set mesh.pipe=1."
-        )
     return sizes
 
 
@@ -111,9 +145,9 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules) -> P:
     return nn.logical_to_mesh_axes(tuple(logical_axes), rules)
 
 
-def param_shardings(logical_specs: Any, mesh: Mesh) -> Any:
+def param_shardings(logical_specs: Any, mesh: Mesh, rules: Rules = PARAM_RULES) -> Any:
     """Tree of `NamedSharding` for a tree of logical `PartitionSpec`s (from `nn.get_partition_spec`)."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, PARAM_RULES)
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -139,6 +173,22 @@ _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.Context
 def activation_sharding(mesh: Mesh, rules: Rules = ACTIVATION_RULES) -> Iterator[None]:
     """While tracing inside this context, `constrain` pins activations to `mesh` via `rules`."""
     token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active() -> tuple[Mesh, Rules] | None:
+    """The (mesh, activation rules) set by the enclosing `activation_sharding`, or None."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def activation_sharding_off() -> Iterator[None]:
+    """Trace without activation constraints (e.g. inside a `shard_map` that is manual over some
+    mesh axes, where XLA propagates the layout from the inputs instead)."""
+    token = _ACTIVE.set(None)
     try:
         yield
     finally:
@@ -178,6 +228,12 @@ def check_layout(cfg: Config, mesh: Mesh, abstract_params: Any, logical_specs: A
                 f"{what}={value} is not divisible by the tensor axis (mesh.tensor={tensor}); "
                 f"choose mesh.tensor dividing {value}."
             )
+    if cfg.mesh.sequence_parallel and m.seq_len % tensor:
+        raise ConfigError(
+            f"mesh.sequence_parallel=true splits the sequence over the tensor axis, but "
+            f"model.seq_len={m.seq_len} is not divisible by mesh.tensor={tensor}; use a seq_len "
+            f"that is a multiple of {tensor} or set mesh.sequence_parallel=false."
+        )
     data_ways = sizes["data"] * sizes["fsdp"]
     micro = cfg.train.batch_size // cfg.train.microbatches
     if micro % data_ways:
@@ -191,7 +247,7 @@ def check_layout(cfg: Config, mesh: Mesh, abstract_params: Any, logical_specs: A
     flat_shapes = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
     flat_specs = jax.tree_util.tree_leaves(logical_specs, is_leaf=lambda x: isinstance(x, P))
     for (path, leaf), logical in zip(flat_shapes, flat_specs):
-        mesh_spec = logical_to_spec(tuple(logical), PARAM_RULES)
+        mesh_spec = logical_to_spec(tuple(logical), optimizer_rules(cfg.mesh))  # the most split
         for dim, (size, name, axes) in enumerate(zip(leaf.shape, logical, mesh_spec)):
             if axes is None:
                 continue

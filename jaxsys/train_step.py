@@ -16,6 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from jaxsys import sharding as shd
+from jaxsys import tensor_parallel
 from jaxsys import config as config_lib
 from jaxsys.config import Config, ConfigError
 from jaxsys.model import Transformer
@@ -36,7 +37,7 @@ class TrainState:
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy in nats per token (float32)."""
-    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
+    losses_BT = tensor_parallel.cross_entropy(logits_BTV, targets_BT)  # vocab-parallel under TP
     return losses_BT.mean()
 
 
@@ -53,6 +54,9 @@ class Setup:
     logical_specs: Any  # tree of PartitionSpec with logical names
     state_sharding: TrainState  # tree of NamedSharding
     batch_sharding: NamedSharding
+    # ZeRO-2/3: gradients split over fsdp (reduce-scattered); else laid out like the parameters.
+    grad_sharding: Any = None
+    activation_rules: shd.Rules = shd.ACTIVATION_RULES  # pass to shd.activation_sharding
 
 
 def setup(cfg: Config, mesh: Mesh) -> Setup:
@@ -72,15 +76,18 @@ def setup(cfg: Config, mesh: Mesh) -> Setup:
     abstract_params = nn.meta.unbox(boxed)
     shd.check_layout(cfg, mesh, abstract_params, logical_specs)
 
-    param_sh = shd.param_shardings(logical_specs, mesh)
+    param_sh = shd.param_shardings(logical_specs, mesh, shd.param_rules(cfg.mesh))
+    moment_sh = shd.param_shardings(logical_specs, mesh, shd.optimizer_rules(cfg.mesh))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    # Optimizer moments take their parameter's sharding (ZeRO: sharded with it under fsdp);
+    # Optimizer moments are laid out like their parameter, split over fsdp from ZeRO-1 on;
     # counters and other non-parameter leaves are replicated.
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, moment_sh,
                                    transform_non_params=lambda _: shd.replicated(mesh))
     state_sh = TrainState(step=shd.replicated(mesh), params=param_sh, opt_state=opt_sh)
     return Setup(cfg, mesh, model, tx, schedule, abstract_params, logical_specs, state_sh,
-                 shd.batch_sharding(mesh))
+                 shd.batch_sharding(mesh),
+                 grad_sharding=shd.param_shardings(logical_specs, mesh, shd.grad_rules(cfg.mesh)),
+                 activation_rules=shd.activation_rules(cfg.mesh))
 
 
 def init_state(s: Setup, seed: int) -> TrainState:
@@ -89,7 +96,7 @@ def init_state(s: Setup, seed: int) -> TrainState:
         dummy = jnp.zeros((1, s.cfg.model.seq_len), jnp.int32)
         params = nn.meta.unbox(s.model.init(key, dummy)["params"])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=s.tx.init(params))
-    with shd.activation_sharding(s.mesh):
+    with shd.activation_sharding(s.mesh, s.activation_rules):
         return jax.jit(init, out_shardings=s.state_sharding)(jax.random.key(seed))
 
 
@@ -109,6 +116,11 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
     use_dropout = cfg.model.dropout > 0.0
     base_key = jax.random.key(cfg.train.seed + 1)
     grad_fn = jax.value_and_grad(lambda p, b, k: loss_fn(s.model, p, b, k))
+    if s.mesh.shape["pipe"] > 1:  # the pipeline computes loss and gradients itself (no dropout)
+        from jaxsys import pipeline
+        pipeline.check_config(cfg, s.mesh)
+        prog = pipeline.compile_schedule(pipeline.make_schedule(cfg, s.mesh.shape["pipe"]))
+        grad_fn = lambda p, b, k: pipeline.loss_and_grads(cfg, s.mesh, prog, p, b)[:2]  # noqa: E731
 
     nan_steps = jnp.asarray(cfg.train.nan_steps or (-1,), jnp.int32)
 
@@ -129,6 +141,7 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
                 i, mb = xs
                 k = None if key is None else jax.random.fold_in(key, i)
                 loss, grads = grad_fn(state.params, mb, k)
+                grads = jax.lax.with_sharding_constraint(grads, s.grad_sharding)  # ZeRO-2: accumulate shards
                 grad_sum = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
                 return (loss_sum + loss, grad_sum), None
 
@@ -140,6 +153,7 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
             grads = jax.tree_util.tree_map(lambda a, p: (a / num_micro).astype(p.dtype), grad_sum,
                                            state.params)
 
+        grads = jax.lax.with_sharding_constraint(grads, s.grad_sharding)  # ZeRO-2: reduce-scatter
         if cfg.train.nan_steps:  # testing aid: poison the loss and gradients of chosen steps
             poison = jnp.where(jnp.isin(state.step + 1, nan_steps), jnp.nan, 1.0)
             loss = loss * poison
@@ -164,7 +178,7 @@ def compile_train_step(s: Setup) -> Any:
                                   sharding=s.batch_sharding)
     step = jax.jit(make_train_step(s), in_shardings=(s.state_sharding, s.batch_sharding),
                    out_shardings=(s.state_sharding, shd.replicated(s.mesh)), donate_argnums=0)
-    with shd.activation_sharding(s.mesh):
+    with shd.activation_sharding(s.mesh, s.activation_rules):
         return step.lower(state, {"inputs": tokens, "targets": tokens}).compile()
 
 
@@ -175,7 +189,7 @@ def compile_eval_step(s: Setup, batch_size: int) -> Any:
     fn = jax.jit(lambda p, b: loss_fn(s.model, p, b, None),
                  in_shardings=(s.state_sharding.params, s.batch_sharding),
                  out_shardings=shd.replicated(s.mesh))
-    with shd.activation_sharding(s.mesh):
+    with shd.activation_sharding(s.mesh, s.activation_rules):
         return fn.lower(param_abstract, {"inputs": tokens, "targets": tokens}).compile()
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +20,13 @@ import numpy as np
 from jaxsys import checkpoint as ckpt
 from jaxsys import config as config_lib
 from jaxsys import data as data_lib
+from jaxsys import rollback as rollback_lib
 from jaxsys import sharding as shd
 from jaxsys import train_step as ts
 from jaxsys.config import Config, ConfigError
 from jaxsys.metrics import MetricWriter, peak_flops
 from jaxsys.model import count_params, flops_per_token
+from jaxsys.preemption import StopRequest
 from jaxsys.sampling import generate
 
 
@@ -63,7 +63,7 @@ def _check_run_dir(run_dir: Path, cfg: Config) -> None:
     """Fail early on an unwritable run dir or a resume with a different model."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
+        probe = run_dir / f".write_test.{os.getpid()}"  # one per process: they share run_dir
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -127,32 +127,32 @@ def evaluate(eval_step: Any, params: Any, batches: list[dict[str, jax.Array]]) -
     return float(sum(eval_step(params, b) for b in batches)) / len(batches)
 
 
-class StopRequest:
-    """Turns SIGTERM/SIGINT into a request to stop after the current step (and save); a second
-    signal aborts at once. Handlers are installed only in the main thread."""
-
-    def __init__(self) -> None:
-        self.signal_name = ""
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal_name:  # second signal: stop now, with the default behaviour
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.signal_name = signal.Signals(signum).name
-        _log(f"\n{self.signal_name} received: finishing this step and saving a checkpoint "
-             "(send it again to abort without saving).")
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+def _rollback_target(cfg: Config, run_dir: Path, manager: Any, failed_step: int,
+                     rollbacks: list[dict[str, int]]) -> int:
+    """Choose (and prepare) the checkpoint to roll back to after the streak ending at `failed_step`:
+    the newest good one from before the streak. Newer checkpoints belong to the abandoned timeline
+    and are moved to `rejected_checkpoints/`. Raises `TrainingError` when none is left."""
+    k = cfg.train.max_consecutive_skips
+    manager.wait_until_finished()
+    ckpt.write_missing_manifests(run_dir)
+    if len(rollbacks) >= cfg.train.max_rollbacks:
+        raise TrainingError(
+            f"{k} steps in a row up to step {failed_step} had a non-finite loss or gradients, and "
+            f"this run_dir already rolled back {len(rollbacks)} times (train.max_rollbacks="
+            f"{cfg.train.max_rollbacks}; see {run_dir / rollback_lib.LOG}). Lower optimizer.lr or "
+            "check the data.")
+    target, _ = ckpt.select_resume_step(run_dir, _log, below=failed_step - k + 1)
+    if target is None:
+        raise TrainingError(f"{k} steps in a row up to step {failed_step} had a non-finite loss or "
+                            f"gradients and no checkpoint from before step {failed_step - k + 1} is "
+                            "left to roll back to. Lower optimizer.lr or save checkpoints more often.")
+    if _is_main():
+        for step in sorted(ckpt.step_dirs(run_dir)):
+            if step > target:
+                ckpt.reject(run_dir, step, f"abandoned by the rollback from step {failed_step} to {target}")
+    ckpt._sync("jaxsys_rollback")
+    manager.reload()
+    return target
 
 
 def train(cfg: Config, devices: list | None = None) -> TrainResult:
@@ -164,21 +164,31 @@ def train(cfg: Config, devices: list | None = None) -> TrainResult:
     s = ts.setup(cfg, mesh)
     run_dir = Path(cfg.run_dir)
     _check_run_dir(run_dir, cfg)
+    target = shd.with_shardings(ts.abstract_state(s), s.state_sharding)
+    if cfg.checkpoint.every > 0:
+        ckpt.check_free_space(run_dir, ckpt.state_bytes(target), cfg.checkpoint.keep)
     if _is_main():
         (run_dir / "config.json").write_text(config_lib.to_json(cfg))
         (run_dir / "tokenizer.json").write_text(json.dumps(corpus.tokenizer.to_json()))
 
     num_params = count_params(s.abstract_params)
     layout = " × ".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "1 device"
+    procs = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     _log(f"jaxsys: {cfg.preset or 'custom'} | {cfg.model.family} {num_params / 1e6:.2f}M params | "
-         f"mesh {layout} ({mesh.devices.size} × {mesh.devices.flat[0].platform}) | "
+         f"mesh {layout} ({mesh.devices.size} × {mesh.devices.flat[0].platform}{procs}) | "
          f"batch {cfg.train.batch_size}×{cfg.model.seq_len} tokens | run_dir {run_dir}")
 
-    manager = ckpt.make_manager(run_dir, cfg.checkpoint) if cfg.checkpoint.every > 0 else None
-    start_step = 0
-    if manager is not None and cfg.checkpoint.resume and manager.latest_step() is not None:
-        target = shd.with_shardings(ts.abstract_state(s), s.state_sharding)
-        start_step, state = ckpt.restore(manager, target)
+    manager, start_step, resume_step = None, 0, None
+    if cfg.checkpoint.every > 0:
+        if cfg.checkpoint.resume and ckpt.step_dirs(run_dir):
+            # Unusable newest steps (incomplete, truncated, bit-flipped) are set aside, loudly.
+            resume_step, _ = ckpt.select_resume_step(run_dir, _log)
+            if resume_step is None:
+                _log(f"No usable checkpoint left in {run_dir / 'checkpoints'}: starting from step 0.")
+        manager = ckpt.make_manager(run_dir, cfg.checkpoint)
+    if resume_step is not None:
+        ckpt.check_compatible(manager, resume_step, target)  # names the parameter and both shapes
+        start_step, state = ckpt.restore(manager, target, resume_step)
         _log(f"Resumed from checkpoint step {start_step} in {run_dir / 'checkpoints'}")
     else:
         state = ts.init_state(s, cfg.train.seed)
@@ -189,6 +199,19 @@ def train(cfg: Config, devices: list | None = None) -> TrainResult:
     compile_seconds = time.perf_counter() - t0
     _log(f"Compiled train and eval steps in {compile_seconds:.1f}s")
     val_data = val_batches(corpus, cfg, s.batch_sharding, cfg.train.eval_batches)
+
+    rollbacks = rollback_lib.load(run_dir)
+    poisoned = set(cfg.train.nan_batches)
+    bad_tokens: list[np.ndarray] = []  # testing aid: out-of-range ids make the embedding NaN
+
+    def train_batch(step: int) -> dict[str, jax.Array]:
+        index = rollback_lib.batch_index(rollbacks, step)
+        tokens = corpus.train
+        if index in poisoned:
+            bad_tokens[:] = bad_tokens or [np.full(len(tokens), cfg.model.vocab_size, np.int32)]
+            tokens = bad_tokens[0]
+        return data_lib.global_batch(tokens, cfg.train.seed, index, "train", cfg.train.batch_size,
+                                     cfg.model.seq_len, s.batch_sharding)
 
     writer = MetricWriter(run_dir, cfg.logging.tensorboard) if _is_main() else None
     tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
@@ -207,11 +230,13 @@ def train(cfg: Config, devices: list | None = None) -> TrainResult:
     loop_start = time.perf_counter()
     last_loss, val_loss, tok_s = float("nan"), float("nan"), 0.0
     consecutive_skips = 0
+    failed_step = 0  # set when a streak of skips asks for a rollback
+    manifests_due = False  # a save was started whose manifest is not written yet
 
     def drain(keep: int) -> None:
         """Read back all but the newest `keep` pending metrics; log those on log steps."""
-        nonlocal last_loss, window_start, window_step, tok_s, consecutive_skips
-        while len(pending) > keep:
+        nonlocal last_loss, window_start, window_step, tok_s, consecutive_skips, failed_step
+        while len(pending) > keep and not failed_step:
             step_done, m = pending.pop(0)
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             last_loss = m["loss"]
@@ -220,41 +245,60 @@ def train(cfg: Config, devices: list | None = None) -> TrainResult:
             if m["skipped"]:
                 _log(f"step {step_done}: loss {last_loss}, gradient norm {m['grad_norm']}: update "
                      f"skipped ({consecutive_skips} in a row, {int(m['skipped_total'])} in all)")
-            if consecutive_skips >= cfg.train.max_consecutive_skips:
+            if consecutive_skips >= cfg.train.max_consecutive_skips and cfg.train.on_nan == "rollback":
+                failed_step = step_done  # the loop rolls back; later pending steps are discarded
+            elif consecutive_skips >= cfg.train.max_consecutive_skips:
                 saved = manager.latest_step() if manager is not None else None
                 raise TrainingError(
                     f"{consecutive_skips} steps in a row up to step {step_done} had a non-finite loss "
                     f"or gradients (last loss {last_loss}); stopping (train.max_consecutive_skips="
                     f"{cfg.train.max_consecutive_skips}). Lower optimizer.lr or raise "
-                    f"schedule.warmup_steps. Last good checkpoint: "
+                    f"schedule.warmup_steps, or set train.on_nan=rollback. Last good checkpoint: "
                     f"{f'step {saved} in {run_dir}/checkpoints (untouched)' if saved is not None else 'none'}."
                 )
-            if step_done % cfg.train.log_every == 0 or step_done == cfg.train.steps:
-                now = time.perf_counter()
-                tok_s = (step_done - window_step) * tokens_per_step / max(now - window_start, 1e-9)
-                window_start, window_step = now, step_done
-                m["tokens_per_sec"] = tok_s
-                if peak:
-                    m["mfu"] = fpt * tok_s / (peak * mesh.devices.size)
-                if writer is not None:
+            if writer is not None:
+                if step_done % cfg.train.log_every == 0 or step_done == cfg.train.steps:
+                    now = time.perf_counter()
+                    tok_s = (step_done - window_step) * tokens_per_step / max(now - window_start, 1e-9)
+                    window_start, window_step = now, step_done
+                    m["tokens_per_sec"] = tok_s
+                    if peak:
+                        m["mfu"] = fpt * tok_s / (peak * mesh.devices.size)
                     writer.write(step_done, m)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
 
-    with StopRequest() as stop:  # SIGTERM/SIGINT: stop after this step, with a checkpoint
+    with StopRequest(_log) as stop:  # SIGTERM/SIGINT: stop after this step, with a checkpoint
+        stopped_by = ""
         try:
-            for step in range(start_step, cfg.train.steps):
-                batch = data_lib.global_batch(corpus.train, cfg.train.seed, step, "train",
-                                              cfg.train.batch_size, cfg.model.seq_len, s.batch_sharding)
-                state, metrics = step_fn(state, batch)
+            step = start_step
+            while step < cfg.train.steps:
+                state, metrics = step_fn(state, train_batch(step))
                 done = step + 1
                 pending.append((done, metrics))
                 drain(keep=1)  # read the previous step's metrics while this one runs
+                stopped_by = stop.agreed()
+                is_eval = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0
+                is_save = manager is not None and (done % cfg.checkpoint.every == 0
+                                                   or done == cfg.train.steps or stopped_by)
+                if is_eval or is_save or done == cfg.train.steps:
+                    drain(keep=0)  # a step is checked finite before it becomes a checkpoint
+                if failed_step:
+                    step = _rollback_target(cfg, run_dir, manager, failed_step, rollbacks)
+                    entry = rollback_lib.record(run_dir, rollbacks, step, failed_step)
+                    _, state = ckpt.restore(manager, target, step)
+                    _log(f"Rolled back from step {failed_step} to checkpoint step {step}; continuing with "
+                         f"batch {entry['data_index']}, after the bad ones (rollback {len(rollbacks)} of "
+                         f"at most {cfg.train.max_rollbacks}).")
+                    pending.clear()
+                    failed_step, consecutive_skips, manifests_due = 0, 0, False
+                    if bar is not None:
+                        bar.n = step
+                    continue
+                step = done
                 if bar is not None:
                     bar.update(1)
-                is_eval = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0
                 if is_eval or done == cfg.train.steps:
-                    drain(keep=0)
                     val_loss = evaluate(eval_fn, state.params, val_data)
                     if writer is not None:
                         writer.write(done, {"val_loss": val_loss})
@@ -262,11 +306,14 @@ def train(cfg: Config, devices: list | None = None) -> TrainResult:
                         bar.write(f"step {done}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
                     else:
                         _log(f"step {done}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
-                if manager is not None and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps
-                                            or stop.signal_name):
-                    drain(keep=0)  # check this step's loss is finite before it becomes a checkpoint
+                if manifests_due and (is_save or not manager.is_saving_in_progress()):
+                    manager.wait_until_finished()  # a new save would wait for it anyway
+                    ckpt.write_missing_manifests(run_dir)  # the previous save is finalised
+                    manifests_due = False
+                if is_save:
                     ckpt.save(manager, done, state)
-                if stop.signal_name:
+                    manifests_due = True
+                if stopped_by:
                     break
             drain(keep=0)
             if start_step >= cfg.train.steps:
@@ -278,22 +325,23 @@ def train(cfg: Config, devices: list | None = None) -> TrainResult:
                 bar.close()
             if manager is not None:
                 manager.wait_until_finished()
+                ckpt.write_missing_manifests(run_dir)  # written last: a step without one is incomplete
                 manager.close()
             if writer is not None:
                 writer.close()
     train_seconds = time.perf_counter() - loop_start
 
-    if stop.signal_name:
-        final = start_step + len(losses)
+    if stopped_by:
+        final = int(jax.device_get(state.step))
         where = (f"checkpoint step {final} saved in {run_dir / 'checkpoints'}" if manager is not None
                  else "no checkpoint (checkpoint.every=0)")
-        _log(f"Stopped by {stop.signal_name} after step {final}: {where}. "
+        _log(f"Stopped by {stopped_by} after step {final}: {where}. "
              "Run the same command again to resume.")
         return TrainResult(final_step=final, start_step=start_step, train_loss=last_loss,
                            val_loss=val_loss, compile_seconds=compile_seconds,
                            train_seconds=time.perf_counter() - loop_start, tokens_per_sec=0.0,
                            num_params=num_params, losses=losses, state=state,
-                           stopped_by=stop.signal_name)
+                           stopped_by=stopped_by)
     steps_run = max(0, cfg.train.steps - start_step)
     mean_tok_s = steps_run * tokens_per_step / train_seconds if steps_run else 0.0
     _log(f"Done: {steps_run} steps in {train_seconds:.1f}s ({mean_tok_s:,.0f} tokens/s), "

@@ -1,5 +1,6 @@
 """Pallas kernels, importable without jaxsys.
 
-The flash-attention kernel (`pallas_kernels.flash_attention`) is a separate deliverable; until
-it lands, `model.attention=pallas` raises a clear error.
+- `pallas_kernels.flash_attention`: FlashAttention-2 forward and backward (causal with block
+  skipping, GQA/MQA, segment ids, ragged lengths), compiled on GPU, interpreted elsewhere.
+- `pallas_kernels.reference`: the plain-`jnp` attention it must equal.
 """

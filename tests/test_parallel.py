@@ -60,7 +60,8 @@ def test_fsdp_really_shards_params_and_optimizer_state():
     s = layout(tiny_cfg("mesh.data=2", "mesh.fsdp=4"))
     state = ts.init_state(s, seed=0)
     wq = state.params["layers"]["attn"]["wq"]  # [layers, embed, heads, head_dim]
-    assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
+    # `layers` maps to `pipe` (size 1 here: one pipeline stage holds every layer).
+    assert wq.sharding.spec == P("pipe", "fsdp", "tensor", None)
     assert wq.addressable_shards[0].data.shape[1] == wq.shape[1] // 4
     adam_mu = state.opt_state.inner_state[1][0].mu["layers"]["attn"]["wq"]  # apply_if_finite(chain(clip, adamw))
     assert adam_mu.sharding.spec == wq.sharding.spec

@@ -14,6 +14,7 @@ def test_minus_one_takes_the_rest():
     assert shd.resolve_mesh_shape(MeshConfig(data=2, fsdp=-1), 8)["fsdp"] == 4
     mesh = shd.make_mesh(MeshConfig(data=2, fsdp=4))
     assert dict(mesh.shape) == {"pipe": 1, "data": 2, "fsdp": 4, "tensor": 1}
+    assert shd.resolve_mesh_shape(MeshConfig(data=-1, pipe=2), 8)["data"] == 4  # jaxsys.pipeline
 
 
 @pytest.mark.parametrize("mesh,devices,message", [
@@ -21,7 +22,6 @@ def test_minus_one_takes_the_rest():
     (MeshConfig(data=-1, fsdp=3), 8, "needs a multiple of 3 devices, but there are 8"),
     (MeshConfig(data=-1, fsdp=-1), 8, "Only one mesh axis may be -1"),
     (MeshConfig(data=0), 8, "mesh.data=0 is invalid"),
-    (MeshConfig(data=4, pipe=2), 8, "pipeline parallelism is not implemented"),
 ])
 def test_bad_meshes(mesh, devices, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,0 +1,289 @@
+"""Pipeline parallelism on the `pipe` mesh axis: one executor for any schedule table.
+
+Shapes: M pipeline microbatches, b rows per microbatch, T sequence, D embed, L layers,
+p stages (`pipe`), v chunks per stage (virtual stages), S stash slots, K ticks.
+
+A table from `pipeline_schedules` becomes static per-tick integer arrays ([K, p]: op, microbatch,
+chunk, stash slots; see `Program`). The executor runs inside `jax.shard_map`, manual over `pipe`
+only (data/fsdp/tensor stay with XLA's partitioner, so it composes with them), as ONE `lax.scan`
+over ticks (compile time flat in M). Each tick, each stage runs its op through `lax.switch`:
+
+- F: the stage's layers on the microbatch (the first virtual stage embeds the tokens first; the
+  last computes head + loss). Only the stage INPUT is kept, in a stash slot.
+- B: recompute from the stash with `jax.vjp` and send the input cotangent to the previous stage.
+- W: recompute again and accumulate the weight gradients (ZB-H1 schedules W separately; in the
+  other schedules a backward fills 2 ticks, run as B then W, so every tick of every table is
+  executed as written and the bubble can be counted from what ran).
+
+After the op, activations move to the next stage and cotangents to the previous one with
+`ppermute` (a ring, so interleaved chunks wrap from stage p−1 to stage 0). Arrivals are written
+to stash slots chosen statically by interval colouring of each (chunk, microbatch) live range,
+from arrival to its W: 1F1B needs about p slots whatever M is; GPipe needs M.
+
+Parameters keep the model's tree: stacked layers are split over `pipe` on the layers axis; the
+embedding, final norm and head are replicated over `pipe`, used on the first/last stage, and
+their gradients are summed over `pipe` at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jaxsys import model as model_lib
+from jaxsys import pipeline_schedules as ps
+from jaxsys import sharding as shd
+from jaxsys.config import Config, ConfigError
+
+IDLE, FWD, BWD, WGT = 0, 1, 2, 3  # executed op codes, as returned per tick and stage
+OP_NAMES = {IDLE: "idle", FWD: "F", BWD: "B", WGT: "W"}
+_MID, _FIRST, _LAST = 0, 1, 2  # role of a virtual stage: inner, embeds the tokens, computes the loss
+
+
+@dataclass(frozen=True)
+class Program:
+    """A schedule as static integer arrays, each [K ticks, p stages]."""
+
+    schedule: ps.Schedule
+    op: np.ndarray  # IDLE / FWD / BWD / WGT
+    mb: np.ndarray  # microbatch of the op
+    chunk: np.ndarray  # chunk (virtual stage c·p + s) of the op
+    x_slot: np.ndarray  # stash slot holding the op's input activation
+    g_slot: np.ndarray  # stash slot holding the op's output cotangent
+    recv_x: np.ndarray  # slot to write the activation arriving at the start of the tick
+    recv_g: np.ndarray  # slot to write the cotangent arriving at the start of the tick
+    x_slots: int  # S for activations (slot index S is a write-only trash slot)
+    g_slots: int  # S for cotangents
+
+    @property
+    def ticks(self) -> int:
+        return self.op.shape[0]
+
+
+def _colour(intervals: list[tuple[int, int, Any]]) -> tuple[dict[Any, int], int]:
+    """Greedy interval colouring: slot per key, live [start, end] inclusive; and the slot count."""
+    free_at: list[int] = []  # per slot, the first tick it may be written again
+    slots = {}
+    for start, end, key in sorted(intervals, key=lambda x: x[:2]):
+        slot = next((i for i, f in enumerate(free_at) if f <= start), len(free_at))
+        if slot == len(free_at):
+            free_at.append(0)
+        free_at[slot] = end + 1
+        slots[key] = slot
+    return slots, len(free_at)
+
+
+def compile_schedule(sched: ps.Schedule) -> Program:
+    """Static per-tick arrays for `sched` (validated with `pipeline_schedules.check`)."""
+    ps.check(sched)
+    p, v, table = sched.stages, sched.chunks, sched.table
+    K, last = len(table), p * v - 1
+    arr = {k: np.zeros((K, p), np.int32) for k in ("op", "mb", "chunk")}
+    w_tick: dict[tuple[int, int, int], int] = {}  # (stage, chunk, mb) -> tick of its W
+    x_live, g_live = [[] for _ in range(p)], [[] for _ in range(p)]
+    for t, row in enumerate(table):
+        for s, op in enumerate(row):
+            if op is None:
+                continue
+            kind = {"F": FWD, "B": BWD, "W": WGT}[op.kind]
+            if op.kind == "B" and not sched.split_backward and t > 0 and table[t - 1][s] == op:
+                kind = WGT  # second tick of a 2-tick backward: its weight-gradient half
+            arr["op"][t, s], arr["mb"][t, s], arr["chunk"][t, s] = kind, op.mb, op.chunk
+            vs = op.chunk * p + s
+            if kind == WGT:
+                w_tick[(s, op.chunk, op.mb)] = t
+            if kind == FWD and vs < last:  # output arrives at virtual stage vs+1 next tick
+                x_live[(vs + 1) % p].append((t + 1, (vs + 1) // p, op.mb))
+            if kind == BWD and vs > 0:  # input cotangent arrives at virtual stage vs−1
+                g_live[(vs - 1) % p].append((t + 1, (vs - 1) // p, op.mb))
+    slots = []
+    for live in (x_live, g_live):
+        per_stage = [_colour([(t, w_tick[(s, c, i)], (c, i)) for t, c, i in live[s]]) for s in range(p)]
+        slots.append(([sl for sl, _ in per_stage], max([n for _, n in per_stage] + [1])))
+    (x_of, nx), (g_of, ng) = slots
+    prog = {k: np.zeros((K, p), np.int32) for k in ("x_slot", "g_slot")}
+    prog["recv_x"], prog["recv_g"] = np.full((K, p), nx, np.int32), np.full((K, p), ng, np.int32)
+    for s in range(p):
+        for t, c, i in x_live[s]:
+            prog["recv_x"][t, s] = x_of[s][(c, i)]
+        for t, c, i in g_live[s]:
+            prog["recv_g"][t, s] = g_of[s][(c, i)]
+        for t in range(K):
+            if arr["op"][t, s] != IDLE:
+                key = (int(arr["chunk"][t, s]), int(arr["mb"][t, s]))
+                prog["x_slot"][t, s] = x_of[s].get(key, 0)
+                prog["g_slot"][t, s] = g_of[s].get(key, 0)
+    return Program(sched, **arr, **prog, x_slots=nx, g_slots=ng)
+
+
+def make_schedule(cfg: Config, p: int) -> ps.Schedule:
+    """The configured schedule table for p stages."""
+    pl = cfg.pipeline
+    m = pl.microbatches or p
+    try:
+        if pl.schedule == "interleaved-1f1b":
+            return ps.interleaved_1f1b(p, m, pl.virtual_stages)
+        return ps.SCHEDULES[pl.schedule](p, m)
+    except ps.ScheduleError as e:
+        raise ConfigError(f"pipeline.schedule={pl.schedule}: {e}") from None
+
+
+def check_config(cfg: Config, mesh: Mesh) -> None:
+    """Raise `ConfigError` for a pipeline that cannot run on `mesh` (before any compile)."""
+    sizes = dict(mesh.shape)
+    p = sizes["pipe"]
+    m = cfg.pipeline.microbatches or p
+    rows = cfg.train.batch_size // cfg.train.microbatches // m
+    ways = sizes["data"] * sizes["fsdp"]
+    if ways > 1 and sizes["tensor"] > 1:
+        # XLA 0.10's SPMD partitioner aborts the process (a CHECK in spmd_partitioner_util) on
+        # this executor with both a batch axis and tensor automatic inside the pipe-manual region.
+        raise ConfigError(
+            f"mesh.pipe > 1 with both data × fsdp = {ways} and mesh.tensor={sizes['tensor']} is not "
+            "supported yet; use pipe with data/fsdp, or pipe with tensor.")
+    if rows % ways:
+        raise ConfigError(
+            f"A pipeline microbatch of {rows} sequences (train.batch_size={cfg.train.batch_size} / "
+            f"train.microbatches={cfg.train.microbatches} / pipeline.microbatches={m}) is not divisible "
+            f"by data × fsdp = {ways}; use a train.batch_size that is a multiple of "
+            f"{ways * m * cfg.train.microbatches}.")
+    make_schedule(cfg, p)
+
+
+def _layers_to_stages(a: jax.Array, p: int, v: int) -> jax.Array:
+    """[L, ...] natural order -> order where stage s's rows are its chunks c·p+s, c < v."""
+    return a.reshape(v, p, -1, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+
+
+def _stages_to_layers(a: jax.Array, p: int, v: int) -> jax.Array:
+    return a.reshape(p, v, -1, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+
+
+def split_microbatches(x_BT: jax.Array, m: int) -> jax.Array:
+    """[B, T] -> [M, B/M, T], microbatch i = rows i, i+M, ... (each keeps its data sharding)."""
+    return x_BT.reshape(x_BT.shape[0] // m, m, *x_BT.shape[1:]).swapaxes(0, 1)
+
+
+def loss_and_grads(cfg: Config, mesh: Mesh, prog: Program, params: Any,
+                   batch: dict[str, jax.Array]) -> tuple[jax.Array, Any, jax.Array]:
+    """Mean loss over the batch, gradients (same tree as `params`) and the executed ops.
+
+    `batch` holds int32 [B, T] `inputs` and `targets`; B is split into the schedule's M
+    microbatches. Returns (loss, grads, ops_KS) where ops_KS[t, s] is the op code
+    (IDLE/FWD/BWD/WGT) that stage s executed at tick t. Call inside `jax.jit`."""
+    mc = cfg.model
+    sched = prog.schedule
+    p, v, m = sched.stages, sched.chunks, sched.microbatches
+    if dict(mesh.shape)["pipe"] != p:
+        raise ConfigError(f"The schedule has {p} stages but mesh.pipe={dict(mesh.shape)['pipe']}.")
+    last_vs = p * v - 1
+    layers = jax.tree_util.tree_map(lambda a: _layers_to_stages(a, p, v), params["layers"])
+    shared = {k: x for k, x in params.items() if k != "layers"}
+    tokens_MbT = split_microbatches(batch["inputs"], m)
+    targets_MbT = split_microbatches(batch["targets"], m)
+    b, T = tokens_MbT.shape[1:]
+    act = jax.ShapeDtypeStruct((b, T, mc.embed_dim), jnp.dtype(mc.compute_dtype))
+    tables = tuple(jnp.asarray(getattr(prog, k)) for k in
+                   ("op", "mb", "chunk", "x_slot", "g_slot", "recv_x", "recv_g"))
+
+    def stage_fn(role: int, lp: Any, sp: Any, x_bTD: jax.Array, tok_bT: jax.Array,
+                 tgt_bT: jax.Array) -> jax.Array:
+        """One virtual stage: activations [b, T, D] out, or the microbatch's mean loss (last)."""
+        if role == _FIRST:
+            x_bTD = model_lib.embed(mc, sp, tok_bT)
+        y_bTD = model_lib.apply_layers(mc, lp, x_bTD)
+        if role != _LAST:
+            return y_bTD
+        from jaxsys.train_step import cross_entropy  # train_step imports this module
+        return cross_entropy(model_lib.head(mc, sp, y_bTD), tgt_bT)
+
+    zero_x = lambda: jnp.zeros(act.shape, act.dtype)  # noqa: E731
+
+    def branches(lp0: Any, sp0: Any) -> list:
+        zeros_lp = lambda: jax.tree_util.tree_map(jnp.zeros_like, lp0)  # noqa: E731
+        zeros_sp = lambda: jax.tree_util.tree_map(jnp.zeros_like, sp0)  # noqa: E731
+
+        def idle(lp, sp, x, g, tok, tgt):
+            return zero_x(), zero_x(), zeros_lp(), zeros_sp(), jnp.zeros((), jnp.float32)
+
+        def fwd(role):
+            def run(lp, sp, x, g, tok, tgt):
+                y = stage_fn(role, lp, sp, x, tok, tgt)
+                if role == _LAST:
+                    return zero_x(), zero_x(), zeros_lp(), zeros_sp(), y.astype(jnp.float32)
+                return y, zero_x(), zeros_lp(), zeros_sp(), jnp.zeros((), jnp.float32)
+            return run
+
+        def seed(role, g):  # the loss is the mean over microbatches of each one's mean
+            return jnp.asarray(1.0 / m, jnp.float32) if role == _LAST else g
+
+        def bwd(role):
+            def run(lp, sp, x, g, tok, tgt):
+                if role == _FIRST:  # tokens have no cotangent: all of its work is in W
+                    dx = zero_x()
+                else:
+                    _, vjp = jax.vjp(lambda x_: stage_fn(role, lp, sp, x_, tok, tgt), x)
+                    (dx,) = vjp(seed(role, g))
+                return zero_x(), dx, zeros_lp(), zeros_sp(), jnp.zeros((), jnp.float32)
+            return run
+
+        def wgt(role):
+            def run(lp, sp, x, g, tok, tgt):
+                _, vjp = jax.vjp(lambda lp_, sp_: stage_fn(role, lp_, sp_, x, tok, tgt), lp, sp)
+                dlp, dsp = vjp(seed(role, g))
+                return zero_x(), zero_x(), dlp, dsp, jnp.zeros((), jnp.float32)
+            return run
+
+        return [idle] + [make(r) for make in (fwd, bwd, wgt) for r in (_MID, _FIRST, _LAST)]
+
+    def local(layers, shared, tokens_MbT, targets_MbT):
+        s = jax.lax.axis_index("pipe")
+        layers = jax.tree_util.tree_map(lambda a: a.reshape(v, -1, *a.shape[1:]), layers)
+        f32 = lambda tree: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, jnp.float32), tree)  # noqa: E731
+
+        def tick(carry, row):
+            xbuf, gbuf, x_in, g_in, dlayers, dshared, loss = carry
+            op, mb, c, xs, gs, rx, rg = (a[s] for a in row)
+            xbuf = jax.lax.dynamic_update_index_in_dim(xbuf, x_in, rx, 0)
+            gbuf = jax.lax.dynamic_update_index_in_dim(gbuf, g_in, rg, 0)
+            vs = c * p + s
+            role = jnp.where(vs == 0, _FIRST, jnp.where(vs == last_vs, _LAST, _MID))
+            branch = jnp.where(op == IDLE, 0, 1 + 3 * (op - 1) + role)
+            lp = jax.tree_util.tree_map(lambda a: a[c], layers)
+            x_out, g_out, dlp, dsp, dloss = jax.lax.switch(
+                branch, branches(lp, shared), lp, shared, xbuf[xs], gbuf[gs], tokens_MbT[mb],
+                targets_MbT[mb])
+            dlayers = jax.tree_util.tree_map(lambda a, d: a.at[c].add(d.astype(jnp.float32)), dlayers, dlp)
+            dshared = jax.tree_util.tree_map(lambda a, d: a + d.astype(jnp.float32), dshared, dsp)
+            x_next = jax.lax.ppermute(x_out, "pipe", [(i, (i + 1) % p) for i in range(p)])
+            g_prev = jax.lax.ppermute(g_out, "pipe", [(i, (i - 1) % p) for i in range(p)])
+            return (xbuf, gbuf, x_next, g_prev, dlayers, dshared, loss + dloss), op
+
+        carry = (jnp.zeros((prog.x_slots + 1, *act.shape), act.dtype),
+                 jnp.zeros((prog.g_slots + 1, *act.shape), act.dtype), zero_x(), zero_x(),
+                 f32(layers), f32(shared), jnp.zeros((), jnp.float32))
+        (_, _, _, _, dlayers, dshared, loss), ops_K = jax.lax.scan(tick, carry, tables)
+        dlayers = jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), dlayers)
+        dshared = jax.lax.psum(dshared, "pipe")
+        return jax.lax.psum(loss, "pipe") / m, dlayers, dshared, ops_K[:, None]
+
+    with shd.activation_sharding_off():
+        run = jax.shard_map(local, mesh=mesh, axis_names={"pipe"}, check_vma=False,
+                            in_specs=(P("pipe"), P(), P(), P()),
+                            out_specs=(P(), P("pipe"), P(), P(None, "pipe")))
+        loss, dlayers, dshared, ops_KS = run(layers, shared, tokens_MbT, targets_MbT)
+    grads = dict(dshared)
+    grads["layers"] = jax.tree_util.tree_map(lambda a: _stages_to_layers(a, p, v), dlayers)
+    grads = jax.tree_util.tree_map(lambda g, x: g.astype(x.dtype), grads, dict(params))
+    return loss, grads, ops_KS
+
+
+def executed_bubble(ops_KS: np.ndarray) -> float:
+    """Idle stage-ticks over all stage-ticks of an executed op table."""
+    ops_KS = np.asarray(ops_KS)
+    return float(np.mean(ops_KS == IDLE))

@@ -1,0 +1,172 @@
+"""Vocabulary-parallel embedding lookup and cross-entropy (Megatron-LM §3) on the `tensor` axis.
+
+Shapes: B batch, T sequence, D embed, V vocabulary (v = V / tensor on one device).
+
+The embedding table and the output head are split along V over `tensor`. Left to XLA's SPMD
+partitioner, the lookup `take(table_VD, tokens)` all-gathers the whole table and the loss
+gathers the full `[B, T, V]` logits; so these two pieces are written with `jax.shard_map`,
+manual over `tensor` only (batch axes stay automatic):
+
+- lookup: each device gathers the tokens that fall in its vocabulary slice, zeros the rest,
+  and the partial rows are summed over `tensor` (psum, or psum_scatter along T under sequence
+  parallelism, which leaves the residual stream split along T as SP wants);
+- cross-entropy: max, sum of exponentials and the target's logit are reduced over `tensor` as
+  [B, T] arrays; the logits never leave their device.
+
+Each has a plain reference (`*_reference`) it must equal; outside `activation_sharding`, or
+with tensor = 1, the references run.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+from jaxsys import sharding as shd
+
+
+# Our shard_maps are manual over the batch axes too: one manual over `tensor` alone replicates
+# its operands over the other axes (measured: it all-gathered the batch over `data`, and the
+# lookup's gradient rows with it).
+_MANUAL = frozenset({"tensor", *shd.DATA_AXES})
+
+
+def embed_lookup_reference(table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+    """Rows of the table for each token: [B, T, D]."""
+    return jnp.take(table_VD, tokens_BT, axis=0)
+
+
+def cross_entropy_reference(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """Per-token next-token cross-entropy in nats, float32: [B, T]."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
+
+
+def _tensor_mesh():
+    """The active mesh if its tensor axis is > 1, else None."""
+    active = shd.active()
+    if active is None or dict(active[0].shape).get("tensor", 1) == 1:
+        return None, None
+    return active
+
+
+def _batch_splits(mesh, batch: int) -> bool:
+    shape = dict(mesh.shape)
+    return batch % (shape["data"] * shape["fsdp"]) == 0
+
+
+def _vocab_slice(tokens: jax.Array, v: int) -> tuple[jax.Array, jax.Array]:
+    """Local row index of each token in this device's slice of V, and whether it is there."""
+    local = tokens - jax.lax.axis_index("tensor") * v
+    inside = (local >= 0) & (local < v)
+    return jnp.where(inside, local, 0), inside
+
+
+def embed_lookup(table_VD: jax.Array, tokens_BT: jax.Array,
+                 out_axes: Sequence[str | None] = ("batch", "residual_seq", "embed")) -> jax.Array:
+    """Vocabulary-parallel `embed_lookup_reference`: [B, T, D], laid out by `out_axes`."""
+    mesh, rules = _tensor_mesh()
+    if mesh is None:
+        return embed_lookup_reference(table_VD, tokens_BT)
+    seq_split = shd.logical_to_spec(out_axes, rules)[1] == "tensor"  # sequence parallelism
+
+    def local(table_vD: jax.Array, tokens: jax.Array) -> jax.Array:
+        idx, inside = _vocab_slice(tokens, table_vD.shape[0])
+        rows_BTD = jnp.where(inside[..., None], jnp.take(table_vD, idx, axis=0), 0)
+        if seq_split:
+            return jax.lax.psum_scatter(rows_BTD, "tensor", scatter_dimension=1, tiled=True)
+        return jax.lax.psum(rows_BTD, "tensor")
+
+    batch = shd.DATA_AXES if _batch_splits(mesh, tokens_BT.shape[0]) else None
+    return jax.shard_map(local, mesh=mesh, axis_names=_MANUAL,
+                         in_specs=(P("tensor", None), P(batch)),
+                         out_specs=P(batch, "tensor", None) if seq_split else P(batch))(table_VD, tokens_BT)
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """Vocabulary-parallel `cross_entropy_reference`: per-token nats, float32 [B, T]."""
+    mesh, _ = _tensor_mesh()
+    if mesh is None:
+        return cross_entropy_reference(logits_BTV, targets_BT)
+
+    def local(logits_BTv: jax.Array, targets: jax.Array) -> jax.Array:
+        logits_BTv = logits_BTv.astype(jnp.float32)
+        # The max only stabilises exp(); no gradient flows through it (it cancels exactly).
+        m_BT = jax.lax.pmax(jax.lax.stop_gradient(logits_BTv).max(-1), "tensor")
+        sumexp_BT = jax.lax.psum(jnp.exp(logits_BTv - m_BT[..., None]).sum(-1), "tensor")
+        idx, inside = _vocab_slice(targets, logits_BTv.shape[-1])
+        picked_BT = jnp.take_along_axis(logits_BTv, idx[..., None], axis=-1)[..., 0]
+        target_BT = jax.lax.psum(jnp.where(inside, picked_BT, 0.0), "tensor")
+        return jnp.log(sumexp_BT) + m_BT - target_BT
+
+    return jax.shard_map(local, mesh=mesh, axis_names={"tensor"},
+                         in_specs=(P(None, None, "tensor"), P()), out_specs=P())(logits_BTV, targets_BT)
+
+
+# ----------------------------------------------------------------------------- sequence parallelism
+#
+# Under SP, XLA's SPMD partitioner on CPU turns the row-parallel output into an all-reduce
+# followed by a slice, and the backward of the all-gather into an all-reduce as well, instead of
+# reduce-scatters (the GPU pipeline has a pass that rewrites this; CPU does not). So under SP the
+# two boundaries of each tensor-parallel region are explicit `shard_map` collectives; without SP
+# the plain `jit` path (sharding constraints) already compiles to Megatron's all-reduces.
+
+
+def _sequence_parallel() -> tuple:
+    mesh, rules = _tensor_mesh()
+    if mesh is None or shd.logical_to_spec(("residual_seq",), rules)[0] != "tensor":
+        return None, rules
+    return mesh, rules
+
+
+def _spec(logical: Sequence[str | None], rules, batch_splits: bool = True) -> P:
+    """Mesh spec of logical axes; the batch stays whole when it does not divide data × fsdp
+    (e.g. the 1-sequence dummy batch of `model.init`: every device then computes all of it)."""
+    return shd.logical_to_spec([None if a == "batch" and not batch_splits else a for a in logical], rules)
+
+
+def column_parallel(spec: str, x_BTD: jax.Array, w: jax.Array, w_axes: Sequence[str | None],
+                    out_axes: Sequence[str | None], *,
+                    in_axes: Sequence[str | None] = ("batch", "seq", "embed"),
+                    preferred_element_type=None) -> jax.Array:
+    """`einsum(spec, x, w)` whose output is split over `tensor` along an axis of `w` (heads,
+    mlp, vocab): no communication without SP; with SP, x arrives split along T and is
+    all-gathered first (its backward: a reduce-scatter of dx). `x` must be [B, T, D]."""
+    mesh, rules = _sequence_parallel()
+    if mesh is None:
+        x_BTD = shd.constrain(x_BTD, in_axes)
+        return shd.constrain(jnp.einsum(spec, x_BTD, w, preferred_element_type=preferred_element_type),
+                             out_axes)
+
+    ok = _batch_splits(mesh, x_BTD.shape[0])
+
+    def local(x, w):
+        x = jax.lax.all_gather(x, "tensor", axis=1, tiled=True)
+        return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+
+    return jax.shard_map(local, mesh=mesh, axis_names=_MANUAL,
+                         in_specs=(_spec(("batch", "residual_seq", "embed"), rules, ok), _spec(w_axes, rules)),
+                         out_specs=_spec(out_axes, rules, ok))(x_BTD, w)
+
+
+def row_parallel(spec: str, h: jax.Array, w: jax.Array, h_axes: Sequence[str | None],
+                 w_axes: Sequence[str | None],
+                 out_axes: Sequence[str | None] = ("batch", "residual_seq", "embed")) -> jax.Array:
+    """`einsum(spec, h, w)` contracting a tensor-split axis, summed over `tensor` into the
+    residual layout: an all-reduce, or with SP a reduce-scatter along T (backward: all-gather).
+    The output must be [B, T, D]."""
+    mesh, rules = _sequence_parallel()
+    if mesh is None:
+        return shd.constrain(jnp.einsum(spec, h, w), out_axes)
+
+    ok = _batch_splits(mesh, h.shape[0])
+
+    def local(h, w):
+        return jax.lax.psum_scatter(jnp.einsum(spec, h, w), "tensor", scatter_dimension=1, tiled=True)
+
+    return jax.shard_map(local, mesh=mesh, axis_names=_MANUAL,
+                         in_specs=(_spec(h_axes, rules, ok), _spec(w_axes, rules)),
+                         out_specs=_spec(out_axes, rules, ok))(h, w)
