@@ -5,7 +5,8 @@ p stages (`pipe`), v chunks per stage (virtual stages), S stash slots, K ticks.
 
 A table from `pipeline_schedules` becomes static per-tick integer arrays ([K, p]: op, microbatch,
 chunk, stash slots; see `Program`). The executor runs inside `jax.shard_map`, manual over `pipe`
-only (data/fsdp/tensor stay with XLA's partitioner, so it composes with them), as ONE `lax.scan`
+and the batch axes (data, fsdp: each device runs its own rows and the gradients are psum'd over
+them at the end); `tensor` stays with XLA's partitioner, so it composes with all three), as ONE `lax.scan`
 over ticks (compile time flat in M). Each tick, each stage runs its op through `lax.switch`:
 
 - F: the stage's layers on the microbatch (the first virtual stage embeds the tokens first; the
@@ -140,12 +141,6 @@ def check_config(cfg: Config, mesh: Mesh) -> None:
     m = cfg.pipeline.microbatches or p
     rows = cfg.train.batch_size // cfg.train.microbatches // m
     ways = sizes["data"] * sizes["fsdp"]
-    if ways > 1 and sizes["tensor"] > 1:
-        # XLA 0.10's SPMD partitioner aborts the process (a CHECK in spmd_partitioner_util) on
-        # this executor with both a batch axis and tensor automatic inside the pipe-manual region.
-        raise ConfigError(
-            f"mesh.pipe > 1 with both data × fsdp = {ways} and mesh.tensor={sizes['tensor']} is not "
-            "supported yet; use pipe with data/fsdp, or pipe with tensor.")
     if rows % ways:
         raise ConfigError(
             f"A pipeline microbatch of {rows} sequences (train.batch_size={cfg.train.batch_size} / "
@@ -176,6 +171,7 @@ def loss_and_grads(cfg: Config, mesh: Mesh, prog: Program, params: Any,
     `batch` holds int32 [B, T] `inputs` and `targets`; B is split into the schedule's M
     microbatches. Returns (loss, grads, ops_KS) where ops_KS[t, s] is the op code
     (IDLE/FWD/BWD/WGT) that stage s executed at tick t. Call inside `jax.jit`."""
+    check_config(cfg, mesh)
     mc = cfg.model
     sched = prog.schedule
     p, v, m = sched.stages, sched.chunks, sched.microbatches
@@ -186,7 +182,8 @@ def loss_and_grads(cfg: Config, mesh: Mesh, prog: Program, params: Any,
     shared = {k: x for k, x in params.items() if k != "layers"}
     tokens_MbT = split_microbatches(batch["inputs"], m)
     targets_MbT = split_microbatches(batch["targets"], m)
-    b, T = tokens_MbT.shape[1:]
+    ways = dict(mesh.shape)["data"] * dict(mesh.shape)["fsdp"]
+    b, T = tokens_MbT.shape[1] // ways, tokens_MbT.shape[2]  # rows per device per microbatch
     act = jax.ShapeDtypeStruct((b, T, mc.embed_dim), jnp.dtype(mc.compute_dtype))
     tables = tuple(jnp.asarray(getattr(prog, k)) for k in
                    ("op", "mb", "chunk", "x_slot", "g_slot", "recv_x", "recv_g"))
@@ -268,13 +265,22 @@ def loss_and_grads(cfg: Config, mesh: Mesh, prog: Program, params: Any,
                  jnp.zeros((prog.g_slots + 1, *act.shape), act.dtype), zero_x(), zero_x(),
                  f32(layers), f32(shared), jnp.zeros((), jnp.float32))
         (_, _, _, _, dlayers, dshared, loss), ops_K = jax.lax.scan(tick, carry, tables)
+        # Each data replica holds the gradients of its own rows' mean loss: average them.
         dlayers = jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), dlayers)
-        dshared = jax.lax.psum(dshared, "pipe")
-        return jax.lax.psum(loss, "pipe") / m, dlayers, dshared, ops_K[:, None]
+        dlayers = jax.lax.psum(dlayers, shd.DATA_AXES)
+        dshared = jax.lax.psum(dshared, ("pipe", *shd.DATA_AXES))
+        scale = lambda tree: jax.tree_util.tree_map(lambda a: a / ways, tree)  # noqa: E731
+        loss = jax.lax.psum(loss, ("pipe", *shd.DATA_AXES)) / (m * ways)
+        return loss, scale(dlayers), scale(dshared), ops_K[:, None]
 
+    # Manual over pipe AND the batch axes; only `tensor` is left to XLA's partitioner. With the
+    # batch axes automatic too, XLA 0.10's SPMD partitioner aborted the process (a CHECK in
+    # spmd_partitioner_util) on data × pipe × tensor. Parameters enter whole over data × fsdp
+    # (ZeRO-3 shards are gathered once per step) and the gradient sum over the batch axes is an
+    # explicit psum.
     with shd.activation_sharding_off():
-        run = jax.shard_map(local, mesh=mesh, axis_names={"pipe"}, check_vma=False,
-                            in_specs=(P("pipe"), P(), P(), P()),
+        run = jax.shard_map(local, mesh=mesh, axis_names={"pipe", *shd.DATA_AXES}, check_vma=False,
+                            in_specs=(P("pipe"), P(), P(None, shd.DATA_AXES), P(None, shd.DATA_AXES)),
                             out_specs=(P(), P("pipe"), P(), P(None, "pipe")))
         loss, dlayers, dshared, ops_KS = run(layers, shared, tokens_MbT, targets_MbT)
     grads = dict(dshared)

@@ -38,9 +38,9 @@ def run_pipeline(cfg, params, batch):
     return float(loss), jax.device_get(grads), np.asarray(ops), prog
 
 
-def check_equal_to_one_device(schedule, p, m, *layout_overrides):
-    cfg = pipe_cfg(schedule, p, m, *(layout_overrides or ("mesh.data=1",)))
-    one = layout(pipe_cfg(schedule, p, m, "mesh.data=1", "mesh.pipe=1"))
+def check_equal_to_one_device(schedule, p, m, *layout_overrides, rows=2):
+    cfg = pipe_cfg(schedule, p, m, *(layout_overrides or ("mesh.data=1",)), rows=rows)
+    one = layout(pipe_cfg(schedule, p, m, "mesh.data=1", "mesh.pipe=1", rows=rows))
     params = jax.device_get(ts.init_state(one, seed=0).params)
     batch = host_batch(one.cfg)
     ref_loss, ref_grads = loss_and_grads(one, params, batch)
@@ -79,13 +79,13 @@ def test_pipeline_equals_one_device_full_grid(schedule, p, m):
 @pytest.mark.parametrize("axes", [("mesh.data=2", "mesh.fsdp=2"),
                                   pytest.param(("mesh.data=1", "mesh.tensor=4"), marks=pytest.mark.slow)])
 def test_pipeline_composes_with_data_fsdp_and_tensor(axes):
-    check_equal_to_one_device("1f1b", 2, 2, *axes)
+    check_equal_to_one_device("1f1b", 2, 2, *axes, rows=4)  # 4 rows: 1 per data × fsdp device
 
 
-def test_pipeline_with_data_and_tensor_together_is_refused_before_compile():
-    cfg = pipe_cfg("1f1b", 2, 2, "mesh.data=2", "mesh.tensor=2")
-    with pytest.raises(ConfigError, match="both data × fsdp = 2 and mesh.tensor=2 is not supported"):
-        ts.make_train_step(layout(cfg))
+def test_pipeline_composes_with_data_and_tensor_together():
+    """The issue's data=2 × pipe=2 × tensor=2 on 8 devices (and ZeRO-3 over fsdp with tensor)."""
+    check_equal_to_one_device("1f1b", 2, 2, "mesh.data=2", "mesh.tensor=2")
+    check_equal_to_one_device("interleaved-1f1b", 2, 2, "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2")
 
 
 def _stash_temp_bytes(schedule, p, m):
