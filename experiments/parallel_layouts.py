@@ -33,6 +33,9 @@ LAYOUTS = [
     ("ZeRO-1 fsdp=8", ["mesh.data=1", "mesh.fsdp=8", "mesh.zero_stage=1"]),
     ("ZeRO-2 fsdp=8", ["mesh.data=1", "mesh.fsdp=8", "mesh.zero_stage=2"]),
     ("ZeRO-3 fsdp=8", ["mesh.data=1", "mesh.fsdp=8", "mesh.zero_stage=3"]),
+    # The same two layouts with the gradient collectives left to XLA (mesh.grad_sync=xla).
+    ("DP data=8, XLA sync", ["mesh.data=8", "mesh.grad_sync=xla"]),
+    ("ZeRO-3 fsdp=8, XLA sync", ["mesh.data=1", "mesh.fsdp=8", "mesh.zero_stage=3", "mesh.grad_sync=xla"]),
     ("TP=4 × data=2", ["mesh.data=2", "mesh.tensor=4"]),
     ("TP=4 + SP × data=2", ["mesh.data=2", "mesh.tensor=4", "mesh.sequence_parallel=true"]),
     ("TP=2 × ZeRO-3 fsdp=4", ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "mesh.zero_stage=3"]),

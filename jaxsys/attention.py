@@ -110,8 +110,8 @@ def pallas_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
     mesh, rules = active
     q_spec = _dividing_spec(("batch", None, "heads", "head_dim"), q_BTHD.shape, mesh, rules)
     kv_spec = _dividing_spec(("batch", None, "kv_heads", "head_dim"), k_BSKD.shape, mesh, rules)
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                         check_vma=False)(q_BTHD, k_BSKD, v_BSKD)
+    return shd.shard_map(kernel, mesh, mesh.axis_names, in_specs=(q_spec, kv_spec, kv_spec),
+                         out_specs=q_spec, check_vma=False)(q_BTHD, k_BSKD, v_BSKD)
 
 
 def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *, impl: str = "xla",

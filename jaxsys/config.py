@@ -78,6 +78,10 @@ class MeshConfig:
     # Megatron sequence parallelism: norms/residual/dropout regions split along the sequence
     # over `tensor` (all-gather + reduce-scatter instead of all-reduce).
     sequence_parallel: bool = False
+    # Who writes the gradient collectives of data × fsdp: "explicit" (jaxsys.data_parallel: a
+    # shard_map over the batch axes with the ZeRO stage's reduce-scatter / all-reduce) or "xla"
+    # (sharding constraints only; the partitioner and the backend's passes decide).
+    grad_sync: Literal["explicit", "xla"] = "explicit"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxsys.attention import attention
 from jaxsys.config import ModelConfig
-from jaxsys.sharding import constrain
+from jaxsys.sharding import constrain, stored_shape, use_weight
 from jaxsys.tensor_parallel import column_parallel, embed_lookup, row_parallel
 
 REMAT_POLICIES = {
@@ -47,11 +47,12 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
         init = nn.initializers.zeros
     else:
         init = nn.initializers.normal(std)
-    w = module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+    # (Inside jaxsys.data_parallel at ZeRO-3 the stored weight is this device's fsdp slice.)
+    w = module.param(name, nn.with_logical_partitioning(init, axes), stored_shape(shape, axes), dtype)
     # Stored by PARAM_RULES, used by ACTIVATION_RULES: under FSDP this is the explicit
     # all-gather of the weight before use (and a reduce-scatter of its gradient), as Levanter
     # separates parameter and compute mappings. Without it XLA may reshard activations instead.
-    return constrain(w, axes)
+    return use_weight(w, axes)
 
 
 class Norm(nn.Module):

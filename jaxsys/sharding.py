@@ -7,8 +7,10 @@ vocab, layers). Two rule tables map them onto the mesh axes (data, fsdp, tensor,
 
 - Data parallel: `data` > 1, everything else 1. Parameters are replicated, the batch is split.
 - FSDP / ZeRO-3: `fsdp` > 1. Every parameter's `embed` dimension is split over `fsdp`, so
-  parameters, gradients and AdamW moments all live 1/fsdp per device; XLA all-gathers weights
-  before use and reduce-scatters gradients. The batch is split over data × fsdp.
+  parameters, gradients and AdamW moments all live 1/fsdp per device; weights are all-gathered
+  before use (`use_weight`) and gradients reduce-scattered (`jaxsys.data_parallel` writes these
+  collectives out; with `mesh.grad_sync=xla` the partitioner does). The batch is split over
+  data × fsdp.
 - ZeRO stages (`mesh.zero_stage`): the `fsdp` axis is the ZeRO axis. Stage 0 shards nothing
   over it (plain data parallel), 1 the AdamW moments, 2 + gradients, 3 + parameters (= FSDP).
   Each of parameters, gradients and optimizer state has its own table (`param_rules`,
@@ -195,13 +197,99 @@ def activation_sharding_off() -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+# ----------------------------------------------------------------------------- manual regions
+#
+# Inside a `shard_map` that is manual over some mesh axes (`jaxsys.data_parallel` over the batch
+# axes, `jaxsys.pipeline` over pipe and the batch axes), constraints and nested shard_maps must
+# use the context's abstract mesh and may name only the axes that are still automatic. These
+# helpers drop the manual axes, so model code and `tensor_parallel` read the same everywhere.
+
+
+def manual_axes() -> frozenset[str]:
+    """The mesh axes that are manual at this point of tracing (inside a shard_map); else empty."""
+    return frozenset(jax.sharding.get_abstract_mesh().manual_axes)
+
+
+def without_axes(spec: P, axes: frozenset[str]) -> P:
+    """`spec` with the mesh axes in `axes` removed (a dimension left with none becomes None)."""
+    entries = []
+    for entry in spec:
+        names = tuple(n for n in ((entry,) if isinstance(entry, str) else tuple(entry or ()))
+                      if n not in axes)
+        entries.append(None if not names else names[0] if len(names) == 1 else names)
+    return P(*entries)
+
+
+def shard_map(f: Any, mesh: Mesh, axis_names: Sequence[str], in_specs: Any, out_specs: Any,
+              **kwargs: Any) -> Any:
+    """`jax.shard_map` that also works nested inside another one: axes already manual are
+    dropped from `axis_names` and from every spec, and the context's abstract mesh is used."""
+    manual = manual_axes()
+    if manual:
+        drop = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+            lambda sp: without_axes(sp, manual), tree, is_leaf=lambda x: isinstance(x, P))
+        mesh, axis_names = jax.sharding.get_abstract_mesh(), set(axis_names) - manual
+        in_specs, out_specs = drop(in_specs), drop(out_specs)
+    return jax.shard_map(f, mesh=mesh, axis_names=set(axis_names), in_specs=in_specs,
+                         out_specs=out_specs, **kwargs)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside `activation_sharding`."""
     active = _ACTIVE.get()
     if active is None:
         return x
     mesh, rules = active
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, rules)))
+    spec, manual = logical_to_spec(logical_axes, rules), manual_axes()
+    if manual:
+        mesh, spec = jax.sharding.get_abstract_mesh(), without_axes(spec, manual)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+_STORED_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar(
+    "jaxsys_stored_param_rules", default=None)
+
+
+@contextlib.contextmanager
+def manual_fsdp(param_rules: Rules) -> Iterator[None]:
+    """Inside a shard_map manual over `fsdp` whose parameters arrive split as `param_rules`
+    say: `use_weight` all-gathers each weight over fsdp where it is used."""
+    token = _STORED_RULES.set(param_rules)
+    try:
+        yield
+    finally:
+        _STORED_RULES.reset(token)
+
+
+def _stored_fsdp_dims(logical_axes: Sequence[str | None]) -> list[int]:
+    """Dimensions of a weight that arrive split over a manual fsdp axis (inside `manual_fsdp`)."""
+    stored = _STORED_RULES.get()
+    if stored is None or "fsdp" not in manual_axes() or jax.sharding.get_abstract_mesh().shape["fsdp"] == 1:
+        return []  # (a collective over a size-1 manual axis got tensor's replica groups: skip it)
+    return [dim for dim, entry in enumerate(logical_to_spec(logical_axes, stored))
+            if "fsdp" in ((entry,) if isinstance(entry, str) else tuple(entry or ()))]
+
+
+def stored_shape(shape: tuple[int, ...], logical_axes: Sequence[str | None]) -> tuple[int, ...]:
+    """The shape in which a parameter of global `shape` reaches the model here: its fsdp
+    dimension divided by the fsdp size inside `manual_fsdp` (ZeRO-3), else `shape`."""
+    dims = _stored_fsdp_dims(logical_axes)
+    if not dims:
+        return shape
+    fsdp = jax.sharding.get_abstract_mesh().shape["fsdp"]
+    return tuple(n // fsdp if d in dims else n for d, n in enumerate(shape))
+
+
+def use_weight(w: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """A stored parameter at its point of use, laid out for compute (`ACTIVATION_RULES`).
+
+    Under XLA's partitioner this is a sharding constraint: for an fsdp-split weight, XLA emits
+    the all-gather (and for its gradient an all-reduce, or a reduce-scatter where the backend
+    has the pass). Inside `manual_fsdp` it is an explicit `all_gather` over fsdp, whose
+    transpose is a `psum_scatter`: the gradient arrives reduce-scattered, ZeRO-3 exactly."""
+    for dim in _stored_fsdp_dims(logical_axes):
+        w = jax.lax.all_gather(w, "fsdp", axis=dim, tiled=True)
+    return constrain(w, logical_axes)
 
 
 # ----------------------------------------------------------------------------- validation

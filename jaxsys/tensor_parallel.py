@@ -31,7 +31,8 @@ from jaxsys import sharding as shd
 
 # Our shard_maps are manual over the batch axes too: one manual over `tensor` alone replicates
 # its operands over the other axes (measured: it all-gathered the batch over `data`, and the
-# lookup's gradient rows with it).
+# lookup's gradient rows with it). Inside `jaxsys.data_parallel`, where the batch axes are
+# already manual, `shd.shard_map` drops them.
 _MANUAL = frozenset({"tensor", *shd.DATA_AXES})
 
 
@@ -54,6 +55,8 @@ def _tensor_mesh():
 
 
 def _batch_splits(mesh, batch: int) -> bool:
+    if shd.manual_axes() & set(shd.DATA_AXES):
+        return True  # inside jaxsys.data_parallel: the batch is already this device's rows
     shape = dict(mesh.shape)
     return batch % (shape["data"] * shape["fsdp"]) == 0
 
@@ -81,7 +84,7 @@ def embed_lookup(table_VD: jax.Array, tokens_BT: jax.Array,
         return jax.lax.psum(rows_BTD, "tensor")
 
     batch = shd.DATA_AXES if _batch_splits(mesh, tokens_BT.shape[0]) else None
-    return jax.shard_map(local, mesh=mesh, axis_names=_MANUAL,
+    return shd.shard_map(local, mesh, _MANUAL,
                          in_specs=(P("tensor", None), P(batch)),
                          out_specs=P(batch, "tensor", None) if seq_split else P(batch))(table_VD, tokens_BT)
 
@@ -102,7 +105,7 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
         target_BT = jax.lax.psum(jnp.where(inside, picked_BT, 0.0), "tensor")
         return jnp.log(sumexp_BT) + m_BT - target_BT
 
-    return jax.shard_map(local, mesh=mesh, axis_names={"tensor"},
+    return shd.shard_map(local, mesh, {"tensor"},
                          in_specs=(P(None, None, "tensor"), P()), out_specs=P())(logits_BTV, targets_BT)
 
 
@@ -147,7 +150,7 @@ def column_parallel(spec: str, x_BTD: jax.Array, w: jax.Array, w_axes: Sequence[
         x = jax.lax.all_gather(x, "tensor", axis=1, tiled=True)
         return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
 
-    return jax.shard_map(local, mesh=mesh, axis_names=_MANUAL,
+    return shd.shard_map(local, mesh, _MANUAL,
                          in_specs=(_spec(("batch", "residual_seq", "embed"), rules, ok), _spec(w_axes, rules)),
                          out_specs=_spec(out_axes, rules, ok))(x_BTD, w)
 
@@ -167,6 +170,6 @@ def row_parallel(spec: str, h: jax.Array, w: jax.Array, h_axes: Sequence[str | N
     def local(h, w):
         return jax.lax.psum_scatter(jnp.einsum(spec, h, w), "tensor", scatter_dimension=1, tiled=True)
 
-    return jax.shard_map(local, mesh=mesh, axis_names=_MANUAL,
+    return shd.shard_map(local, mesh, _MANUAL,
                          in_specs=(_spec(h_axes, rules, ok), _spec(w_axes, rules)),
                          out_specs=_spec(out_axes, rules, ok))(h, w)

@@ -5,6 +5,7 @@ Shapes: B global batch, M microbatches, T sequence, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from jaxsys import sharding as shd
-from jaxsys import tensor_parallel
+from jaxsys import data_parallel, tensor_parallel
 from jaxsys import config as config_lib
 from jaxsys.config import Config, ConfigError
 from jaxsys.model import Transformer
@@ -109,6 +110,39 @@ def loss_fn(model: Transformer, params: Any, batch: Batch, dropout_key: jax.Arra
     return cross_entropy(logits_BTV, batch["targets"])
 
 
+def accumulate(grad_fn: Callable[[Any, Batch, Any], tuple[jax.Array, Any]], params: Any, batch: Batch,
+               key: jax.Array | None, per_micro: Callable[[Any], Any] = lambda g: g, *,
+               num_micro: int) -> tuple[jax.Array, Any]:
+    """Mean loss and gradients of `grad_fn` over `num_micro` microbatches of `batch` ([B, T]
+    arrays, microbatch i = rows i, i + M, ...), summed in float32 inside one `lax.scan` (one
+    optimizer update per call, one compile; optax.MultiSteps would need M host calls).
+    `per_micro` is applied to each microbatch's gradients (a ZeRO-2 reduce-scatter, or a
+    sharding constraint) before they are added up."""
+    if num_micro == 1:
+        loss, grads = grad_fn(params, batch, key)
+        return loss, per_micro(grads)
+
+    def split(x_BT: jax.Array) -> jax.Array:  # [B, T] -> [M, B/M, T], rows strided
+        x_MbT = x_BT.reshape(x_BT.shape[0] // num_micro, num_micro, *x_BT.shape[1:])
+        return shd.constrain(x_MbT.swapaxes(0, 1), (None, "batch", "seq"))
+
+    def body(carry, xs):
+        loss_sum, grad_sum = carry
+        i, mb = xs
+        k = None if key is None else jax.random.fold_in(key, i)
+        loss, grads = grad_fn(params, mb, k)
+        grad_sum = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grad_sum, per_micro(grads))
+        return (loss_sum + loss, grad_sum), None
+
+    # Sum in float32 whatever the parameter dtype, so M microbatches equal one batch.
+    shapes = jax.eval_shape(per_micro, params)
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes)
+    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                           (jnp.arange(num_micro), jax.tree_util.tree_map(split, batch)))
+    grads = jax.tree_util.tree_map(lambda a, x: (a / num_micro).astype(x.dtype), grad_sum, shapes)
+    return loss_sum / num_micro, grads
+
+
 def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The pure train step for `s` (not jitted; see `compile_train_step`)."""
     cfg = s.cfg
@@ -123,37 +157,18 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
         grad_fn = lambda p, b, k: pipeline.loss_and_grads(cfg, s.mesh, prog, p, b)[:2]  # noqa: E731
 
     nan_steps = jnp.asarray(cfg.train.nan_steps or (-1,), jnp.int32)
+    accumulate_ = functools.partial(accumulate, num_micro=num_micro)
+    if data_parallel.uses_explicit_sync(cfg, s.mesh):  # shard_map over data × fsdp, ZeRO by hand
+        loss_and_grads = data_parallel.make_loss_and_grads(cfg, s.mesh, s.logical_specs, accumulate_, grad_fn)
+    else:  # XLA's partitioner inserts the gradient collectives
+        def loss_and_grads(params: Any, batch: Batch, key: Any) -> tuple[jax.Array, Any]:
+            constrain = lambda g: jax.lax.with_sharding_constraint(g, s.grad_sharding)  # noqa: E731
+            loss, grads = accumulate_(grad_fn, params, batch, key, constrain)  # ZeRO-2: accumulate shards
+            return loss, constrain(grads)  # ZeRO-2: reduce-scatter
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(base_key, state.step) if use_dropout else None
-        if num_micro == 1:
-            loss, grads = grad_fn(state.params, batch, key)
-        else:
-            # Accumulate inside the step (one optimizer update per call, one compile) rather
-            # than with optax.MultiSteps, which needs M host calls per update.
-            def split(x_BT: jax.Array) -> jax.Array:  # [B, T] -> [M, B/M, T], rows strided
-                x_MbT = x_BT.reshape(x_BT.shape[0] // num_micro, num_micro, *x_BT.shape[1:])
-                return shd.constrain(x_MbT.swapaxes(0, 1), (None, "batch", "seq"))
-            micro = jax.tree_util.tree_map(split, batch)
-
-            def body(carry, xs):
-                loss_sum, grad_sum = carry
-                i, mb = xs
-                k = None if key is None else jax.random.fold_in(key, i)
-                loss, grads = grad_fn(state.params, mb, k)
-                grads = jax.lax.with_sharding_constraint(grads, s.grad_sharding)  # ZeRO-2: accumulate shards
-                grad_sum = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
-                return (loss_sum + loss, grad_sum), None
-
-            # Sum in float32 whatever the parameter dtype, so M microbatches equal one batch.
-            zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                                   (jnp.arange(num_micro), micro))
-            loss = loss_sum / num_micro
-            grads = jax.tree_util.tree_map(lambda a, p: (a / num_micro).astype(p.dtype), grad_sum,
-                                           state.params)
-
-        grads = jax.lax.with_sharding_constraint(grads, s.grad_sharding)  # ZeRO-2: reduce-scatter
+        loss, grads = loss_and_grads(state.params, batch, key)
         if cfg.train.nan_steps:  # testing aid: poison the loss and gradients of chosen steps
             poison = jnp.where(jnp.isin(state.step + 1, nan_steps), jnp.nan, 1.0)
             loss = loss * poison

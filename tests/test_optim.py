@@ -84,7 +84,8 @@ def test_decay_mask():
     assert decay_mask(params, decay_embeddings=True)["embed"] is True
 
 
-@pytest.mark.parametrize("mesh", [("mesh.data=1",), ("mesh.data=2", "mesh.fsdp=4")])
+@pytest.mark.parametrize("mesh", [pytest.param(("mesh.data=1",), marks=pytest.mark.slow),
+                                  ("mesh.data=2", "mesh.fsdp=4")])
 def test_gradient_accumulation_equals_large_batch(mesh):
     results = {}
     for micro in (1, 4):

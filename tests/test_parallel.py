@@ -69,7 +69,7 @@ def test_fsdp_really_shards_params_and_optimizer_state():
     assert dp_wq.addressable_shards[0].data.shape == dp_wq.shape  # data parallel: replicated
 
 
-@pytest.mark.parametrize("name", ["fsdp=8", "data=2,fsdp=4"])
+@pytest.mark.parametrize("name", ["fsdp=8", pytest.param("data=2,fsdp=4", marks=pytest.mark.slow)])
 def test_params_after_steps_equal_one_device(name):
     results = {}
     for key, overrides in (("one", ("mesh.data=1",)), (name, LAYOUTS[name])):

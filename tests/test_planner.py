@@ -83,9 +83,13 @@ def test_rank_orders_by_step_time_and_drops_over_budget():
     assert plans[0].state_bytes > plans[1].state_bytes > plans[2].state_bytes
     kept, over = planner.rank(plans, budget=float("inf"))
     assert [p.roofline["step_s"] for p in kept] == sorted(p.roofline["step_s"] for p in plans)
-    budget = sorted(p.memory["peak"] for p in plans)[1]
+    # ZeRO-3 holds the least; with one microbatch, stages 1 and 2 compile to the same program
+    # (both reduce-scatter once), so they may tie.
+    budget = min(p.memory["peak"] for p in plans)
+    assert plans[2].memory["peak"] == budget < max(p.memory["peak"] for p in plans)
     kept, over = planner.rank(plans, budget)
-    assert len(kept) == 2 and len(over) == 1 and "> budget" in over[0][1]
+    assert plans[2] in kept and len(kept) + len(over) == 3 and len(over) >= 1
+    assert all("> budget" in why for _, why in over)
     assert all(p.memory["peak"] <= budget for p in kept)
 
 

@@ -1,8 +1,12 @@
 """Tensor (Megatron) and sequence parallelism equal one device; the shard_map pieces equal
 their plain references; the full [batch, seq, vocab] logits are never gathered.
 
-Tolerance: fp32, atol 2e-6 on loss and gradients, as tests/test_parallel.py (partial sums are
-added in a different order than on one device).
+Tolerance: fp32, atol 2e-6 on gradients, as tests/test_parallel.py (partial sums are added in
+a different order than on one device). The loss: 1e-6 relative (8 float32 ulp at the loss of
+5.5 here). The one-device reference is itself only that exact: compiled without LLVM's
+optimisations (as the suite is, tests/conftest.py) its sequential reductions move its loss by
+2.9e-6 from the vectorised build's, while the vocab-parallel loss (4 partial sums of exp) is the
+same in both builds (measured 2026-11-29: 5.5294528 / 5.5294557 against 5.5294561).
 """
 
 import jax
@@ -56,7 +60,7 @@ def test_loss_and_grads_equal_one_device(family, name, sp):
     params, batch, ref_loss, ref_grads = reference(family)
     s = layout(tiny_cfg(*LAYOUTS[name], *MODEL[family], f"mesh.sequence_parallel={sp}"))
     loss, grads = loss_and_grads(s, params, batch)
-    assert abs(loss - ref_loss) < 2e-6, (loss, ref_loss)
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss), (loss, ref_loss)
     assert max_abs_diff(grads, ref_grads) < 2e-6
     assert max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(grads)) > 1e-3
 

@@ -1,0 +1,138 @@
+"""Data parallelism and ZeRO 0–3 with the gradient collectives written out (`mesh.grad_sync=explicit`).
+
+Left to XLA's SPMD partitioner, the gradient sync of a batch-split step is whatever the
+partitioner and the backend's passes make of it. On XLA:CPU (measured, docs/benchmarks.md) that
+is an all-reduce of every gradient, also where ZeRO wants a reduce-scatter (XLA:GPU has a pass
+that rewrites all-reduce + slice into a reduce-scatter; XLA:CPU has none), and the tied
+embedding's two gradient contributions (lookup and output head) are all-reduced separately.
+
+Here the loss and gradients of a step run inside `jax.shard_map`, manual over the batch axes
+(data, fsdp; `tensor` stays with XLA, and `tensor_parallel`'s own shard_maps nest inside), each
+device on its own rows, and the sync is the ZeRO paper's, stage by stage (`mesh.zero_stage`):
+
+- 0: all-reduce every gradient over data × fsdp, once per step, after accumulation.
+- 1: accumulate the full local gradients over the step's microbatches, then reduce-scatter them
+  over fsdp (each device keeps the slice its AdamW moments cover) and all-reduce the slice over
+  data. XLA all-gathers the updated parameters after the sharded AdamW update.
+- 2: reduce-scatter each microbatch's gradients over fsdp as soon as they exist (only a 1/fsdp
+  accumulator lives); all-reduce the slices over data at the end.
+- 3: parameters arrive split over fsdp and `sharding.use_weight` all-gathers each where it is
+  used; the transpose of that all-gather is the reduce-scatter of its gradient (per layer, per
+  microbatch). All-reduce over data at the end.
+
+Parameters that no rule splits over fsdp (biases and norms without an `embed` axis) are
+all-reduced over fsdp instead. Gradients are summed in the autodiff graph before any collective,
+so the tied embedding is synced once. Each device's loss is the mean over its own rows, so the
+global loss and gradients are the sums over the batch axes divided by data × fsdp.
+
+With dropout, each device folds its index over the batch axes into the step's key: the masks
+differ from a one-device run's (as they would on any other number of devices).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jaxsys import sharding as shd
+from jaxsys.config import Config
+
+Batch = dict[str, jax.Array]
+GradFn = Callable[[Any, Batch, Any], tuple[jax.Array, Any]]
+
+
+def uses_explicit_sync(cfg: Config, mesh: Mesh) -> bool:
+    """Does the train step sync gradients here (rather than leave it to XLA)?"""
+    sizes = dict(mesh.shape)
+    # Not with fsdp and tensor both > 1: XLA 0.10's partitioner then runs the manual fsdp
+    # collectives on whole (tensor-replicated) weights and gradients and all-gathers them over
+    # tensor as well (measured: ~2.4× the wire bytes of the XLA-inserted sync), so that mix stays
+    # with XLA. data × tensor is fine.
+    return (cfg.mesh.grad_sync == "explicit" and sizes["pipe"] == 1
+            and sizes["data"] * sizes["fsdp"] > 1 and (sizes["fsdp"] == 1 or sizes["tensor"] == 1))
+
+
+def _fsdp_dim(logical: P, rules: shd.Rules) -> int | None:
+    """The dimension that `rules` split over fsdp for a parameter with these logical axes."""
+    for dim, entry in enumerate(shd.logical_to_spec(tuple(logical), rules)):
+        if "fsdp" in ((entry,) if isinstance(entry, str) else tuple(entry or ())):
+            return dim
+    return None
+
+
+def _spec(ndim: int, dim: int | None) -> P:
+    return P(*[("fsdp" if d == dim else None) for d in range(ndim)])
+
+
+def make_loss_and_grads(cfg: Config, mesh: Mesh, logical_specs: Any,
+                        accumulate: Callable[..., tuple[jax.Array, Any]],
+                        grad_fn: GradFn) -> Callable[[Any, Batch, Any], tuple[jax.Array, Any]]:
+    """`(params, batch, key) -> (mean loss, grads)` with explicit ZeRO collectives.
+
+    `accumulate(grad_fn, params, batch, key, per_micro)` sums `grad_fn` over the step's
+    microbatches (see `train_step.accumulate`); `logical_specs` is the parameters' tree of logical
+    `PartitionSpec`s. The returned grads are split over fsdp for stages 1–3 (the layout of the
+    AdamW moments) and whole for stage 0; call it inside `jax.jit`."""
+    stage = cfg.mesh.zero_stage
+    sizes = dict(mesh.shape)
+    ways = sizes["data"] * sizes["fsdp"]
+    # Collectives only over axes of size > 1: XLA 0.10 gave one over a size-1 manual axis the
+    # replica groups of `tensor` (measured: a "fsdp" all-gather at fsdp=1 gathered over tensor).
+    psum = lambda g, axis: jax.lax.psum(g, axis) if sizes[axis] > 1 else g  # noqa: E731
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    leaves, treedef = jax.tree_util.tree_flatten(logical_specs, is_leaf=is_spec)
+    # Where each parameter arrives split (stage 3) and where its gradient leaves split (1–3).
+    split = sizes["fsdp"] > 1
+    stored = [_fsdp_dim(lg, shd.param_rules(cfg.mesh)) if split else None for lg in leaves]
+    out = [_fsdp_dim(lg, shd.PARAM_RULES) if stage >= 1 and split else None for lg in leaves]
+    per_micro_scatter = [o is not None and s is None and stage == 2 for s, o in zip(stored, out)]
+
+    def scatter(grads: Any, which: list[bool]) -> Any:
+        flat = treedef.flatten_up_to(grads)
+        return treedef.unflatten([
+            jax.lax.psum_scatter(g, "fsdp", scatter_dimension=o, tiled=True) if w else g
+            for g, o, w in zip(flat, out, which)])
+
+    def finish(grads: Any) -> Any:
+        """Everything not yet reduced over fsdp; then the sum over data; then the mean."""
+        flat = treedef.flatten_up_to(grads)
+        result = []
+        for g, lg, s, o, early in zip(flat, leaves, stored, out, per_micro_scatter):
+            g = shd.constrain(g, tuple(lg))  # keep the tensor split (else XLA gathers over tensor)
+            if s is None and not early:  # not reduced over fsdp by a transpose or per microbatch
+                g = (jax.lax.psum_scatter(g, "fsdp", scatter_dimension=o, tiled=True) if o is not None
+                     else psum(g, "fsdp"))
+            result.append((psum(g, "data") / ways).astype(g.dtype))
+        return treedef.unflatten(result)
+
+    def local(params: Any, batch: Batch, key: Any) -> tuple[jax.Array, Any]:
+        if key is not None:  # different dropout masks per device
+            key = jax.random.fold_in(key, jax.lax.axis_index(shd.DATA_AXES))
+        params = treedef.unflatten([shd.constrain(x, tuple(lg))
+                                    for x, lg in zip(treedef.flatten_up_to(params), leaves)])
+        with shd.manual_fsdp(shd.param_rules(cfg.mesh)):
+            loss, grads = accumulate(grad_fn, params, batch, key,
+                                     lambda g: scatter(g, per_micro_scatter))
+        return psum(psum(loss, "data"), "fsdp") / ways, finish(grads)
+
+    in_params = treedef.unflatten([_spec(len(lg), s) for lg, s in zip(leaves, stored)])
+    out_grads = treedef.unflatten([_spec(len(lg), o) for lg, o in zip(leaves, out)])
+    batch_spec = P(shd.DATA_AXES)
+
+    def loss_and_grads(params: Any, batch: Batch, key: Any) -> tuple[jax.Array, Any]:
+        if key is None:
+            fn = lambda p, b: local(p, b, None)  # noqa: E731
+            args, in_specs = (params, batch), (in_params, {k: batch_spec for k in batch})
+        else:
+            fn, args = local, (params, batch, key)
+            in_specs = (in_params, {k: batch_spec for k in batch}, P())
+        # check_vma=False: with it on, JAX's AD would psum the gradient of every parameter that
+        # enters replicated (the transpose of its implicit broadcast to the per-device rows), an
+        # all-reduce per use; the sync below is the only one.
+        return shd.shard_map(fn, mesh, shd.DATA_AXES, in_specs=in_specs,
+                             out_specs=(P(), out_grads), check_vma=False)(*args)
+
+    return loss_and_grads
