@@ -188,7 +188,7 @@ class Transformer(nn.Module):
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         cfg = self.cfg
         B, T = tokens_BT.shape
-        pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
+        pdt = jnp.dtype(cfg.param_dtype)
         if T > cfg.seq_len:
             raise ValueError(f"Input length {T} exceeds model.seq_len={cfg.seq_len}.")
         embed_VD = _param(self, "embed", (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), 0.02, pdt)

@@ -280,6 +280,18 @@ def stored_shape(shape: tuple[int, ...], logical_axes: Sequence[str | None]) -> 
     return tuple(n // fsdp if d in dims else n for d, n in enumerate(shape))
 
 
+def tensor_local(fn: Any, x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`fn(x)` on each device's `tensor` block of a parameter-shaped `x` (split over tensor as
+    `PARAM_RULES` say), for collectives over the manual batch axes inside a manual region:
+    left to XLA, an fsdp all-gather or reduce-scatter of a tensor-split buffer ran on the whole
+    buffer (replicated over tensor first). `fn` must keep the tensor-split dimensions' sizes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if "tensor" in manual_axes() or "tensor" not in mesh.axis_names or mesh.shape["tensor"] == 1:
+        return fn(x)
+    spec = P(*[e if e == "tensor" else None for e in logical_to_spec(logical_axes, PARAM_RULES)])
+    return shard_map(fn, mesh, {"tensor"}, in_specs=spec, out_specs=spec, check_vma=False)(x)
+
+
 def use_weight(w: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """A stored parameter at its point of use, laid out for compute (`ACTIVATION_RULES`).
 
@@ -288,7 +300,7 @@ def use_weight(w: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     has the pass). Inside `manual_fsdp` it is an explicit `all_gather` over fsdp, whose
     transpose is a `psum_scatter`: the gradient arrives reduce-scattered, ZeRO-3 exactly."""
     for dim in _stored_fsdp_dims(logical_axes):
-        w = jax.lax.all_gather(w, "fsdp", axis=dim, tiled=True)
+        w = tensor_local(lambda x, d=dim: jax.lax.all_gather(x, "fsdp", axis=d, tiled=True), w, logical_axes)
     return constrain(w, logical_axes)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -46,3 +47,21 @@ def loss_and_grads(s: ts.Setup, params_host, batch_host):
 def max_abs_diff(a, b) -> float:
     return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
                for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+@functools.lru_cache(maxsize=None)
+def losses_and_params_after_steps(*overrides: str, steps: int = 3):
+    """(per-step losses, host params) after `steps` compiled train steps of `tiny_cfg(*overrides)`
+    from seed 0 on the shipped data; cached per worker (the one-device run serves many tests)."""
+    cfg = tiny_cfg(*overrides)
+    s = layout(cfg)
+    state = ts.init_state(s, seed=0)
+    step = ts.compile_train_step(s)
+    corpus = data.load_corpus(cfg.data)
+    losses = []
+    for k in range(steps):
+        batch = data.global_batch(corpus.train, 0, k, "train", cfg.train.batch_size,
+                                  cfg.model.seq_len, s.batch_sharding)
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params)

@@ -3,7 +3,6 @@
 import math
 
 import jax
-import numpy as np
 import pytest
 
 from helpers import layout, max_abs_diff, tiny_cfg

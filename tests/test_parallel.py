@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from helpers import host_batch, layout, loss_and_grads, max_abs_diff, tiny_cfg
-from jaxsys import data
+from helpers import host_batch, layout, loss_and_grads, losses_and_params_after_steps, max_abs_diff, tiny_cfg
 from jaxsys import train_step as ts
 
 LAYOUTS = {
@@ -71,19 +70,7 @@ def test_fsdp_really_shards_params_and_optimizer_state():
 
 @pytest.mark.parametrize("name", ["fsdp=8", pytest.param("data=2,fsdp=4", marks=pytest.mark.slow)])
 def test_params_after_steps_equal_one_device(name):
-    results = {}
-    for key, overrides in (("one", ("mesh.data=1",)), (name, LAYOUTS[name])):
-        cfg = tiny_cfg(*overrides, "train.microbatches=2")
-        s = layout(cfg)
-        state = ts.init_state(s, seed=0)
-        step = ts.compile_train_step(s)
-        corpus = data.load_corpus(cfg.data)
-        losses = []
-        for k in range(3):
-            batch = data.global_batch(corpus.train, 0, k, "train", cfg.train.batch_size,
-                                      cfg.model.seq_len, s.batch_sharding)
-            state, metrics = step(state, batch)
-            losses.append(float(metrics["loss"]))
-        results[key] = (losses, jax.device_get(state.params))
+    results = {"one": losses_and_params_after_steps("mesh.data=1", "train.microbatches=2"),
+               name: losses_and_params_after_steps(*LAYOUTS[name], "train.microbatches=2")}
     np.testing.assert_allclose(results[name][0], results["one"][0], atol=2e-6)
     assert max_abs_diff(results[name][1], results["one"][1]) < 2e-5

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from helpers import host_batch, layout, loss_and_grads, max_abs_diff, tiny_cfg
 from test_planner import grad_hlo

@@ -9,8 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import host_batch, layout, loss_and_grads, max_abs_diff, tiny_cfg
-from jaxsys import data
+from helpers import host_batch, layout, loss_and_grads, losses_and_params_after_steps, max_abs_diff, tiny_cfg
 from jaxsys import train_step as ts
 
 _REF: dict = {}
@@ -50,30 +49,12 @@ def test_each_stage_shards_what_it_says(stage, params_split, moments_split, grad
         assert sharding["layers"]["attn"]["wq"].shard_shape(shape)[1] == (D // 8 if split else D)
 
 
-_STEPS: dict = {}
-
-
 @pytest.mark.parametrize("stage", [2, pytest.param(1, marks=pytest.mark.slow)])
 def test_params_after_steps_equal_one_device(stage):
     """3 steps with 2 microbatches (the accumulator is constrained to the ZeRO-2 layout)."""
-    results = {k: v for k, v in _STEPS.items()}
-    for key, overrides in (("one", ("mesh.data=1",)),
-                           ("zero", ("mesh.data=1", "mesh.fsdp=8", f"mesh.zero_stage={stage}"))):
-        if key in results:
-            continue
-        cfg = tiny_cfg(*overrides, "train.microbatches=2")
-        s = layout(cfg)
-        state = ts.init_state(s, seed=0)
-        step = ts.compile_train_step(s)
-        corpus = data.load_corpus(cfg.data)
-        losses = []
-        for k in range(3):
-            batch = data.global_batch(corpus.train, 0, k, "train", cfg.train.batch_size,
-                                      cfg.model.seq_len, s.batch_sharding)
-            state, metrics = step(state, batch)
-            losses.append(float(metrics["loss"]))
-        results[key] = (losses, jax.device_get(state.params))
-    _STEPS["one"] = results["one"]
+    results = {"one": losses_and_params_after_steps("mesh.data=1", "train.microbatches=2"),
+               "zero": losses_and_params_after_steps("mesh.data=1", "mesh.fsdp=8", f"mesh.zero_stage={stage}",
+                                                     "train.microbatches=2")}
     np.testing.assert_allclose(results["zero"][0], results["one"][0], atol=2e-6)
     assert max_abs_diff(results["zero"][1], results["one"][1]) < 2e-5
     assert results["one"][0][0] != results["one"][0][-1]  # the steps did change the loss
