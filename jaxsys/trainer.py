@@ -123,8 +123,13 @@ def val_batches(corpus: data_lib.Corpus, cfg: Config, sharding: jax.sharding.Sha
 
 
 def evaluate(eval_step: Any, params: Any, batches: list[dict[str, jax.Array]]) -> float:
-    """Mean loss over `batches`; one host sync at the end."""
-    return float(sum(eval_step(params, b) for b in batches)) / len(batches)
+    """Mean loss over `batches`, one batch at a time.
+
+    Not all dispatched at once: XLA:CPU runs independent multi-device programs concurrently on
+    a small thread pool, and two programs whose all-reduces each hold one device's thread while
+    waiting for the other device can deadlock (measured: `jaxsys train --devices 2` aborted in
+    its final eval, after XLA's 40 s rendezvous timeout)."""
+    return sum(float(eval_step(params, b)) for b in batches) / len(batches)
 
 
 def _rollback_target(cfg: Config, run_dir: Path, manager: Any, failed_step: int,
