@@ -10,7 +10,8 @@ Here the loss and gradients of a step run inside `jax.shard_map`, manual over th
 (data, fsdp; `tensor` stays with XLA, and `tensor_parallel`'s own shard_maps nest inside), each
 device on its own rows, and the sync is the ZeRO paper's, stage by stage (`mesh.zero_stage`):
 
-- 0: all-reduce every gradient over data × fsdp, once per step, after accumulation.
+- 0: all-reduce every gradient over data × fsdp (one all-reduce over both axes), once per
+  step, after accumulation.
 - 1: accumulate the full local gradients over the step's microbatches, then reduce-scatter them
   over fsdp (each device keeps the slice its AdamW moments cover) and all-reduce the slice over
   data. XLA all-gathers the updated parameters after the sharded AdamW update.
@@ -79,9 +80,13 @@ def make_loss_and_grads(cfg: Config, mesh: Mesh, logical_specs: Any,
     stage = cfg.mesh.zero_stage
     sizes = dict(mesh.shape)
     ways = sizes["data"] * sizes["fsdp"]
-    # Collectives only over axes of size > 1: XLA 0.10 gave one over a size-1 manual axis the
-    # replica groups of `tensor` (measured: a "fsdp" all-gather at fsdp=1 gathered over tensor).
-    psum = lambda g, axis: jax.lax.psum(g, axis) if sizes[axis] > 1 else g  # noqa: E731
+
+    def psum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+        """One all-reduce over those of `axes` with size > 1: XLA 0.10 gave a collective over a
+        size-1 manual axis the replica groups of `tensor` (measured: an "fsdp" all-gather at
+        fsdp=1 gathered over tensor)."""
+        live = tuple(a for a in axes if sizes[a] > 1)
+        return jax.lax.psum(x, live) if live else x
     is_spec = lambda x: isinstance(x, P)  # noqa: E731
     leaves, treedef = jax.tree_util.tree_flatten(logical_specs, is_leaf=is_spec)
     # Where each parameter arrives split (stage 3) and where its gradient leaves split (1–3).
@@ -94,31 +99,32 @@ def make_loss_and_grads(cfg: Config, mesh: Mesh, logical_specs: Any,
         return shd.tensor_local(
             lambda x: jax.lax.psum_scatter(x, "fsdp", scatter_dimension=dim, tiled=True), g, tuple(logical))
 
-    def scatter(grads: Any, which: list[bool]) -> Any:
+    def scatter_early(grads: Any) -> Any:
+        """ZeRO-2: reduce-scatter each microbatch's gradients over fsdp as they are made."""
         flat = treedef.flatten_up_to(grads)
-        return treedef.unflatten([reduce_scatter(g, o, lg) if w else g
-                                  for g, lg, o, w in zip(flat, leaves, out, which)])
+        return treedef.unflatten([reduce_scatter(g, o, lg) if early else g
+                                  for g, lg, o, early in zip(flat, leaves, out, per_micro_scatter)])
 
     def finish(grads: Any) -> Any:
-        """Everything not yet reduced over fsdp; then the sum over data; then the mean."""
+        """Reduce what is not reduced yet, then divide by data × fsdp (the mean over devices)."""
         flat = treedef.flatten_up_to(grads)
         result = []
         for g, lg, s, o, early in zip(flat, leaves, stored, out, per_micro_scatter):
-            if s is None and not early:  # not reduced over fsdp by a transpose or per microbatch
-                g = reduce_scatter(g, o, lg) if o is not None else shd.tensor_local(
-                    lambda x: psum(x, "fsdp"), g, tuple(lg))
-            result.append(shd.tensor_local(lambda x: psum(x, "data") / ways, g, tuple(lg)))
+            if s is not None or early:  # reduced over fsdp already (a transpose, or per microbatch)
+                axes: tuple[str, ...] = ("data",)
+            elif o is not None:  # ZeRO-1: reduce-scatter over fsdp now
+                g, axes = reduce_scatter(g, o, lg), ("data",)
+            else:  # not split over fsdp: one all-reduce over data × fsdp
+                axes = shd.DATA_AXES
+            result.append(shd.tensor_local(lambda x, a=axes: psum(x, a) / ways, g, tuple(lg)))
         return treedef.unflatten(result)
 
     def local(params: Any, batch: Batch, key: Any) -> tuple[jax.Array, Any]:
         if key is not None:  # different dropout masks per device
             key = jax.random.fold_in(key, jax.lax.axis_index(shd.DATA_AXES))
-        params = treedef.unflatten([shd.constrain(x, tuple(lg))
-                                    for x, lg in zip(treedef.flatten_up_to(params), leaves)])
         with shd.manual_fsdp(shd.param_rules(cfg.mesh)):
-            loss, grads = accumulate(grad_fn, params, batch, key,
-                                     lambda g: scatter(g, per_micro_scatter))
-        return psum(psum(loss, "data"), "fsdp") / ways, finish(grads)
+            loss, grads = accumulate(grad_fn, params, batch, key, scatter_early)
+        return psum(loss, shd.DATA_AXES) / ways, finish(grads)
 
     in_params = treedef.unflatten([_spec(len(lg), s) for lg, s in zip(leaves, stored)])
     out_grads = treedef.unflatten([_spec(len(lg), o) for lg, o in zip(leaves, out)])

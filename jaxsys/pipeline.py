@@ -6,7 +6,7 @@ p stages (`pipe`), v chunks per stage (virtual stages), S stash slots, K ticks.
 A table from `pipeline_schedules` becomes static per-tick integer arrays ([K, p]: op, microbatch,
 chunk, stash slots; see `Program`). The executor runs inside `jax.shard_map`, manual over `pipe`
 and the batch axes (data, fsdp: each device runs its own rows and the gradients are psum'd over
-them at the end); `tensor` stays with XLA's partitioner, so it composes with all three), as ONE `lax.scan`
+them at the end; `tensor` stays with XLA's partitioner, so it composes with all three), as ONE `lax.scan`
 over ticks (compile time flat in M). Each tick, each stage runs its op through `lax.switch`:
 
 - F: the stage's layers on the microbatch (the first virtual stage embeds the tokens first; the
@@ -265,19 +265,24 @@ def loss_and_grads(cfg: Config, mesh: Mesh, prog: Program, params: Any,
                  jnp.zeros((prog.g_slots + 1, *act.shape), act.dtype), zero_x(), zero_x(),
                  f32(layers), f32(shared), jnp.zeros((), jnp.float32))
         (_, _, _, _, dlayers, dshared, loss), ops_K = jax.lax.scan(tick, carry, tables)
-        # Each data replica holds the gradients of its own rows' mean loss: average them.
+        # Each data replica holds the gradients of its own rows' mean loss: average them. (Only
+        # over axes of size > 1, as in jaxsys.data_parallel.)
+        def psum(x, axes):
+            live = tuple(a for a in axes if dict(mesh.shape)[a] > 1)
+            return jax.lax.psum(x, live) if live else x
+
         dlayers = jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), dlayers)
-        dlayers = jax.lax.psum(dlayers, shd.DATA_AXES)
-        dshared = jax.lax.psum(dshared, ("pipe", *shd.DATA_AXES))
+        dlayers = psum(dlayers, shd.DATA_AXES)
+        dshared = psum(dshared, ("pipe", *shd.DATA_AXES))
         scale = lambda tree: jax.tree_util.tree_map(lambda a: a / ways, tree)  # noqa: E731
-        loss = jax.lax.psum(loss, ("pipe", *shd.DATA_AXES)) / (m * ways)
+        loss = psum(loss, ("pipe", *shd.DATA_AXES)) / (m * ways)
         return loss, scale(dlayers), scale(dshared), ops_K[:, None]
 
     # Manual over pipe AND the batch axes; only `tensor` is left to XLA's partitioner. With the
     # batch axes automatic too, XLA 0.10's SPMD partitioner aborted the process (a CHECK in
     # spmd_partitioner_util) on data × pipe × tensor. Parameters enter whole over data × fsdp
-    # (ZeRO-3 shards are gathered once per step) and the gradient sum over the batch axes is an
-    # explicit psum.
+    # (ZeRO-3 shards are gathered on entry, once per train.microbatches microbatch) and the
+    # gradient sum over the batch axes is an explicit psum.
     with shd.activation_sharding_off():
         run = jax.shard_map(local, mesh=mesh, axis_names={"pipe", *shd.DATA_AXES}, check_vma=False,
                             in_specs=(P("pipe"), P(), P(None, shd.DATA_AXES), P(None, shd.DATA_AXES)),

@@ -229,6 +229,8 @@ def shard_map(f: Any, mesh: Mesh, axis_names: Sequence[str], in_specs: Any, out_
         drop = lambda tree: jax.tree_util.tree_map(  # noqa: E731
             lambda sp: without_axes(sp, manual), tree, is_leaf=lambda x: isinstance(x, P))
         mesh, axis_names = jax.sharding.get_abstract_mesh(), set(axis_names) - manual
+        if not axis_names:  # all already manual here (jax.shard_map would read {} as "all axes")
+            return f
         in_specs, out_specs = drop(in_specs), drop(out_specs)
     return jax.shard_map(f, mesh=mesh, axis_names=set(axis_names), in_specs=in_specs,
                          out_specs=out_specs, **kwargs)

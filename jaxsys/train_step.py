@@ -56,6 +56,7 @@ class Setup:
     state_sharding: TrainState  # tree of NamedSharding
     batch_sharding: NamedSharding
     # ZeRO-2/3: gradients split over fsdp (reduce-scattered); else laid out like the parameters.
+    # (With the explicit sync, jaxsys.data_parallel, ZeRO-1's gradients leave the step split too.)
     grad_sharding: Any = None
     activation_rules: shd.Rules = shd.ACTIVATION_RULES  # pass to shd.activation_sharding
 

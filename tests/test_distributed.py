@@ -106,16 +106,27 @@ def _assert_same_curve(got, want):
     assert want[0][1] != want[-1][1]
 
 
-def test_two_processes_equal_one_process(tmp_path):
+def test_two_processes_equal_one_process_and_restore_across_counts(tmp_path):
     env = _env(tmp_path / "cache")
-    two = _jaxsys(["launch", "--processes", "2", "--", "train", "--devices", "2", *ARGS, "train.steps=3",
-                   "run_dir=two"], tmp_path, env)
+    launch = ["launch", "--processes", "2", "--", "train", "--devices", "2", *ARGS]
+    one = ["train", "--devices", "4", *ARGS]
+    two = _jaxsys([*launch, "train.steps=3", "run_dir=two"], tmp_path, env)
     assert two.returncode == 0, two.stdout + two.stderr
     assert "mesh data=2 × fsdp=2 (4 × cpu, 2 processes)" in two.stdout
     assert not [x for x in two.stdout.splitlines() if x.startswith("[1] ") and "jaxsys" in x]
-    one = _jaxsys(["train", "--devices", "4", *ARGS, "train.steps=3", "run_dir=one"], tmp_path, env)
-    assert one.returncode == 0, one.stderr
+    single = _jaxsys([*one, "train.steps=3", "run_dir=one"], tmp_path, env)
+    assert single.returncode == 0, single.stderr
     _assert_same_curve(_curve(tmp_path / "two"), _curve(tmp_path / "one"))
+
+    # Each run ended with a checkpoint at step 3: the 2-process one resumes in 1 process, the
+    # 1-process one in 2 processes, and both continue the same curve.
+    r1 = _jaxsys([*one, "train.steps=5", "run_dir=two"], tmp_path, env)
+    assert r1.returncode == 0 and "Resumed from checkpoint step 3" in r1.stdout, r1.stdout + r1.stderr
+    r2 = _jaxsys([*launch, "train.steps=5", "run_dir=one"], tmp_path, env)
+    assert r2.returncode == 0 and "[0] Resumed from checkpoint step 3" in r2.stdout, r2.stdout + r2.stderr
+    got_1, got_2 = _curve(tmp_path / "two"), _curve(tmp_path / "one")
+    assert [s for s, _ in got_1] == [s for s, _ in got_2] == [1, 2, 3, 4, 5]
+    _assert_same_curve(got_1, got_2)
 
 
 @pytest.mark.slow  # 5 runs, 3 of them 2-process (~6 min on the loaded 2-core VM)

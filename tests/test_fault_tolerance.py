@@ -190,7 +190,6 @@ def test_rollbacks_are_bounded_and_stop_is_the_default(tmp_path):
               devices)
 
 
-@pytest.mark.slow  # 5 fresh processes (~60 s): experiments/chaos_resume.py --kills 3
 def test_chaos_three_kill_9_match_the_uninterrupted_run(tmp_path):
     sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
     import chaos_resume
