@@ -55,9 +55,12 @@ def main() -> None:
     ap.add_argument("--p", type=int, default=4)
     ap.add_argument("--m", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--rows", type=int, default=8, help="sequences per microbatch")
+    ap.add_argument("--layers-per-stage", type=int, default=4,
+                    help="layers per virtual stage (the model has p × v × this many)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"])
     ap.add_argument("--out", default="runs/pipeline_bench")
+    ap.add_argument("overrides", nargs="*", help="config overrides for the model, e.g. model.vocab_size=64")
     args = ap.parse_args()
     simulate_cpu_devices(args.p)
 
@@ -77,9 +80,9 @@ def main() -> None:
         v = 2 if name == "interleaved-1f1b" else 1
         for m in args.m:
             cfg = apply_overrides(presets.tiny(), [
-                f"model.num_layers={p * v}", f"mesh.pipe={p}", "mesh.data=1", f"pipeline.schedule={name}",
+                f"model.num_layers={p * v * args.layers_per_stage}", f"mesh.pipe={p}", "mesh.data=1", f"pipeline.schedule={name}",
                 f"pipeline.microbatches={m}", f"pipeline.virtual_stages={v}",
-                f"train.batch_size={args.rows * m}"])
+                f"train.batch_size={args.rows * m}", *args.overrides])
             s = ts.setup(cfg, shd.make_mesh(cfg.mesh, jax.devices()[:p]))
             prog = pipeline.compile_schedule(pipeline.make_schedule(cfg, p))
             params = ts.init_state(s, seed=0).params
@@ -94,7 +97,7 @@ def main() -> None:
             step_ms = (time.perf_counter() - t0) / args.steps * 1e3
             ops = np.asarray(out[2])
             formula = "—" if name == "zb-h1" else f"{(p - 1) / (v * m + p - 1):.4f}"
-            slot_bytes = args.rows * cfg.model.seq_len * cfg.model.embed_dim * 4
+            slot_bytes = args.layers_per_stage * args.rows * cfg.model.seq_len * cfg.model.embed_dim * 4
             temp = compiled.memory_analysis().temp_size_in_bytes
             print(f"{name:<18}{m:>4}{formula:>16}{pipeline.executed_bubble(ops):>16.4f}{prog.x_slots:>7}"
                   f"{prog.x_slots * slot_bytes / 1024:>11.0f}{temp / 1024:>10.0f}{step_ms:>9.1f}", flush=True)

@@ -1,7 +1,8 @@
 """Pipeline parallelism on the `pipe` mesh axis: one executor for any schedule table.
 
 Shapes: M pipeline microbatches, b rows per microbatch, T sequence, D embed, L layers,
-p stages (`pipe`), v chunks per stage (virtual stages), S stash slots, K ticks.
+p stages (`pipe`), v chunks per stage (virtual stages), Lc = L / (p·v) layers per chunk,
+S stash slots, K ticks.
 
 A table from `pipeline_schedules` becomes static per-tick integer arrays ([K, p]: op, microbatch,
 chunk, stash slots; see `Program`). The executor runs inside `jax.shard_map`, manual over `pipe`
@@ -9,17 +10,20 @@ and the batch axes (data, fsdp: each device runs its own rows and the gradients 
 them at the end; `tensor` stays with XLA's partitioner, so it composes with all three), as ONE `lax.scan`
 over ticks (compile time flat in M). Each tick, each stage runs its op through `lax.switch`:
 
-- F: the stage's layers on the microbatch (the first virtual stage embeds the tokens first; the
-  last computes head + loss). Only the stage INPUT is kept, in a stash slot.
-- B: recompute from the stash with `jax.vjp` and send the input cotangent to the previous stage.
-- W: recompute again and accumulate the weight gradients (ZB-H1 schedules W separately; in the
-  other schedules a backward fills 2 ticks, run as B then W, so every tick of every table is
-  executed as written and the bubble can be counted from what ran).
+- F: the chunk's layers on the microbatch (the first virtual stage embeds the tokens first; the
+  last computes head + loss). Each LAYER'S INPUT is kept, in a stash slot [Lc, b, T, D]
+  (Lc layers per chunk): layer-boundary checkpoints, like Megatron's full recompute.
+- B: back through the layers from the top, recomputing one layer at a time from its stashed
+  input with `jax.vjp`, and send the input cotangent to the previous stage.
+- W: the same pass with the weight gradients too (ZB-H1 schedules W separately; in the other
+  schedules a backward fills 2 ticks, run as B then W, so every tick of every table is executed
+  as written and the bubble can be counted from what ran).
 
 After the op, activations move to the next stage and cotangents to the previous one with
 `ppermute` (a ring, so interleaved chunks wrap from stage p−1 to stage 0). Arrivals are written
 to stash slots chosen statically by interval colouring of each (chunk, microbatch) live range,
-from arrival to its W: 1F1B needs about p slots whatever M is; GPipe needs M.
+from arrival (the first virtual stage: from its F) to its W: 1F1B needs about p slots whatever
+M is; GPipe needs M. The workspace of one op is one layer's recompute, whatever Lc is.
 
 Parameters keep the model's tree: stacked layers are split over `pipe` on the layers axis; the
 embedding, final norm and head are replicated over `pipe`, used on the first/last stage, and
@@ -86,7 +90,8 @@ def compile_schedule(sched: ps.Schedule) -> Program:
     K, last = len(table), p * v - 1
     arr = {k: np.zeros((K, p), np.int32) for k in ("op", "mb", "chunk")}
     w_tick: dict[tuple[int, int, int], int] = {}  # (stage, chunk, mb) -> tick of its W
-    x_live, g_live = [[] for _ in range(p)], [[] for _ in range(p)]
+    x_live, g_live = [[] for _ in range(p)], [[] for _ in range(p)]  # arrivals: (tick, chunk, mb)
+    x_first = [[] for _ in range(p)]  # the first virtual stage's F: a slot from F, no arrival
     for t, row in enumerate(table):
         for s, op in enumerate(row):
             if op is None:
@@ -98,12 +103,14 @@ def compile_schedule(sched: ps.Schedule) -> Program:
             vs = op.chunk * p + s
             if kind == WGT:
                 w_tick[(s, op.chunk, op.mb)] = t
+            if kind == FWD and vs == 0:  # embeds its tokens: its layer inputs live from here
+                x_first[s].append((t, op.chunk, op.mb))
             if kind == FWD and vs < last:  # output arrives at virtual stage vs+1 next tick
                 x_live[(vs + 1) % p].append((t + 1, (vs + 1) // p, op.mb))
             if kind == BWD and vs > 0:  # input cotangent arrives at virtual stage vs−1
                 g_live[(vs - 1) % p].append((t + 1, (vs - 1) // p, op.mb))
     slots = []
-    for live in (x_live, g_live):
+    for live in ([a + f for a, f in zip(x_live, x_first)], g_live):
         per_stage = [_colour([(t, w_tick[(s, c, i)], (c, i)) for t, c, i in live[s]]) for s in range(p)]
         slots.append(([sl for sl, _ in per_stage], max([n for _, n in per_stage] + [1])))
     (x_of, nx), (g_of, ng) = slots
@@ -185,55 +192,83 @@ def loss_and_grads(cfg: Config, mesh: Mesh, prog: Program, params: Any,
     ways = dict(mesh.shape)["data"] * dict(mesh.shape)["fsdp"]
     b, T = tokens_MbT.shape[1] // ways, tokens_MbT.shape[2]  # rows per device per microbatch
     act = jax.ShapeDtypeStruct((b, T, mc.embed_dim), jnp.dtype(mc.compute_dtype))
+    Lc = mc.num_layers // (p * v)  # layers per chunk (virtual stage)
     tables = tuple(jnp.asarray(getattr(prog, k)) for k in
                    ("op", "mb", "chunk", "x_slot", "g_slot", "recv_x", "recv_g"))
+    positions_bT = jnp.broadcast_to(jnp.arange(T), (b, T))
+    f32_zero = lambda: jnp.zeros((), jnp.float32)  # noqa: E731
+    zero_x = lambda: jnp.zeros(act.shape, act.dtype)  # noqa: E731
 
-    def stage_fn(role: int, lp: Any, sp: Any, x_bTD: jax.Array, tok_bT: jax.Array,
-                 tgt_bT: jax.Array) -> jax.Array:
-        """One virtual stage: activations [b, T, D] out, or the microbatch's mean loss (last)."""
-        if role == _FIRST:
-            x_bTD = model_lib.embed(mc, sp, tok_bT)
-        y_bTD = model_lib.apply_layers(mc, lp, x_bTD)
-        if role != _LAST:
-            return y_bTD
+    def block(layer: Any, x_bTD: jax.Array) -> jax.Array:
+        """One transformer block of the model, with its remat policy: [b, T, D] -> [b, T, D]."""
+        return model_lib.Block(mc).apply({"params": layer}, x_bTD, positions_bT)[0]
+
+    if mc.remat != "none":
+        block = jax.checkpoint(block, policy=model_lib.REMAT_POLICIES[mc.remat])
+
+    def forward_layers(lp: Any, x_bTD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The chunk's Lc layers: (output [b, T, D], each layer's input [Lc, b, T, D])."""
+        return jax.lax.scan(lambda x, layer: (block(layer, x), x), x_bTD, lp)
+
+    def backward_layers(lp: Any, inputs_LbTD: jax.Array, g_bTD: jax.Array,
+                        weights: bool) -> tuple[jax.Array, Any]:
+        """Cotangent at the chunk's output -> cotangent at its input (and the layer gradients,
+        stacked like `lp`, when `weights`), recomputing one layer at a time from its stashed
+        input."""
+        def step(g, xs):
+            layer, x = xs
+            if weights:
+                dlayer, dx = jax.vjp(block, layer, x)[1](g)
+                return dx, dlayer
+            return jax.vjp(lambda x_: block(layer, x_), x)[1](g)[0], None
+        g_bTD, dlp = jax.lax.scan(step, g_bTD, (lp, inputs_LbTD), reverse=True)
+        return g_bTD, dlp
+
+    def loss_of(sp: Any, y_bTD: jax.Array, tgt_bT: jax.Array) -> jax.Array:
         from jaxsys.train_step import cross_entropy  # train_step imports this module
         return cross_entropy(model_lib.head(mc, sp, y_bTD), tgt_bT)
 
-    zero_x = lambda: jnp.zeros(act.shape, act.dtype)  # noqa: E731
+    def top_cotangent(lp: Any, sp: Any, inputs_LbTD: jax.Array, tgt_bT: jax.Array) -> tuple[jax.Array, Any]:
+        """The last virtual stage: d(loss / m) at its output (its last layer recomputed), and the
+        final norm's and head's gradients."""
+        y_bTD = block(jax.tree_util.tree_map(lambda a: a[-1], lp), inputs_LbTD[-1])
+        _, vjp = jax.vjp(lambda y, sp_: loss_of(sp_, y, tgt_bT), y_bTD, sp)
+        return vjp(jnp.asarray(1.0 / m, jnp.float32))  # the loss is the mean over microbatches
 
     def branches(lp0: Any, sp0: Any) -> list:
+        """Per op and role: (lp, sp, stash entry [Lc, b, T, D], cotangent in, tokens, targets) ->
+        (activation out, cotangent out, stash entry out, layer grads, shared grads, loss)."""
         zeros_lp = lambda: jax.tree_util.tree_map(jnp.zeros_like, lp0)  # noqa: E731
         zeros_sp = lambda: jax.tree_util.tree_map(jnp.zeros_like, sp0)  # noqa: E731
 
-        def idle(lp, sp, x, g, tok, tgt):
-            return zero_x(), zero_x(), zeros_lp(), zeros_sp(), jnp.zeros((), jnp.float32)
+        def idle(lp, sp, entry, g, tok, tgt):
+            return zero_x(), zero_x(), entry, zeros_lp(), zeros_sp(), f32_zero()
 
         def fwd(role):
-            def run(lp, sp, x, g, tok, tgt):
-                y = stage_fn(role, lp, sp, x, tok, tgt)
+            def run(lp, sp, entry, g, tok, tgt):
+                x = model_lib.embed(mc, sp, tok) if role == _FIRST else entry[0]
+                y, inputs = forward_layers(lp, x)  # the stash keeps every layer's input
                 if role == _LAST:
-                    return zero_x(), zero_x(), zeros_lp(), zeros_sp(), y.astype(jnp.float32)
-                return y, zero_x(), zeros_lp(), zeros_sp(), jnp.zeros((), jnp.float32)
+                    return zero_x(), zero_x(), inputs, zeros_lp(), zeros_sp(), loss_of(sp, y, tgt).astype(jnp.float32)
+                return y, zero_x(), inputs, zeros_lp(), zeros_sp(), f32_zero()
             return run
 
-        def seed(role, g):  # the loss is the mean over microbatches of each one's mean
-            return jnp.asarray(1.0 / m, jnp.float32) if role == _LAST else g
-
         def bwd(role):
-            def run(lp, sp, x, g, tok, tgt):
+            def run(lp, sp, entry, g, tok, tgt):
                 if role == _FIRST:  # tokens have no cotangent: all of its work is in W
-                    dx = zero_x()
-                else:
-                    _, vjp = jax.vjp(lambda x_: stage_fn(role, lp, sp, x_, tok, tgt), x)
-                    (dx,) = vjp(seed(role, g))
-                return zero_x(), dx, zeros_lp(), zeros_sp(), jnp.zeros((), jnp.float32)
+                    return zero_x(), zero_x(), entry, zeros_lp(), zeros_sp(), f32_zero()
+                g_top = top_cotangent(lp, sp, entry, tgt)[0] if role == _LAST else g
+                dx, _ = backward_layers(lp, entry, g_top, weights=False)
+                return zero_x(), dx, entry, zeros_lp(), zeros_sp(), f32_zero()
             return run
 
         def wgt(role):
-            def run(lp, sp, x, g, tok, tgt):
-                _, vjp = jax.vjp(lambda lp_, sp_: stage_fn(role, lp_, sp_, x, tok, tgt), lp, sp)
-                dlp, dsp = vjp(seed(role, g))
-                return zero_x(), zero_x(), dlp, dsp, jnp.zeros((), jnp.float32)
+            def run(lp, sp, entry, g, tok, tgt):
+                g_top, dsp = top_cotangent(lp, sp, entry, tgt) if role == _LAST else (g, zeros_sp())
+                dx, dlp = backward_layers(lp, entry, g_top, weights=True)
+                if role == _FIRST:  # the embedding's gradient, from the cotangent at layer 0
+                    dsp = jax.vjp(lambda sp_: model_lib.embed(mc, sp_, tok), sp)[1](dx)[0]
+                return zero_x(), zero_x(), entry, dlp, dsp, f32_zero()
             return run
 
         return [idle] + [make(r) for make in (fwd, bwd, wgt) for r in (_MID, _FIRST, _LAST)]
@@ -246,22 +281,24 @@ def loss_and_grads(cfg: Config, mesh: Mesh, prog: Program, params: Any,
         def tick(carry, row):
             xbuf, gbuf, x_in, g_in, dlayers, dshared, loss = carry
             op, mb, c, xs, gs, rx, rg = (a[s] for a in row)
-            xbuf = jax.lax.dynamic_update_index_in_dim(xbuf, x_in, rx, 0)
+            # An arriving activation is the input of the chunk's first layer.
+            xbuf = jax.lax.dynamic_update_slice(xbuf, x_in[None, None], (rx, 0, 0, 0, 0))
             gbuf = jax.lax.dynamic_update_index_in_dim(gbuf, g_in, rg, 0)
             vs = c * p + s
             role = jnp.where(vs == 0, _FIRST, jnp.where(vs == last_vs, _LAST, _MID))
             branch = jnp.where(op == IDLE, 0, 1 + 3 * (op - 1) + role)
             lp = jax.tree_util.tree_map(lambda a: a[c], layers)
-            x_out, g_out, dlp, dsp, dloss = jax.lax.switch(
+            x_out, g_out, entry, dlp, dsp, dloss = jax.lax.switch(
                 branch, branches(lp, shared), lp, shared, xbuf[xs], gbuf[gs], tokens_MbT[mb],
                 targets_MbT[mb])
+            xbuf = jax.lax.dynamic_update_index_in_dim(xbuf, entry, xs, 0)  # F wrote its layers' inputs
             dlayers = jax.tree_util.tree_map(lambda a, d: a.at[c].add(d.astype(jnp.float32)), dlayers, dlp)
             dshared = jax.tree_util.tree_map(lambda a, d: a + d.astype(jnp.float32), dshared, dsp)
             x_next = jax.lax.ppermute(x_out, "pipe", [(i, (i + 1) % p) for i in range(p)])
             g_prev = jax.lax.ppermute(g_out, "pipe", [(i, (i - 1) % p) for i in range(p)])
             return (xbuf, gbuf, x_next, g_prev, dlayers, dshared, loss + dloss), op
 
-        carry = (jnp.zeros((prog.x_slots + 1, *act.shape), act.dtype),
+        carry = (jnp.zeros((prog.x_slots + 1, Lc, *act.shape), act.dtype),
                  jnp.zeros((prog.g_slots + 1, *act.shape), act.dtype), zero_x(), zero_x(),
                  f32(layers), f32(shared), jnp.zeros((), jnp.float32))
         (_, _, _, _, dlayers, dshared, loss), ops_K = jax.lax.scan(tick, carry, tables)
