@@ -58,10 +58,8 @@ def uses_explicit_sync(cfg: Config, mesh: Mesh) -> bool:
 
 def _fsdp_dim(logical: P, rules: shd.Rules) -> int | None:
     """The dimension that `rules` split over fsdp for a parameter with these logical axes."""
-    for dim, entry in enumerate(shd.logical_to_spec(tuple(logical), rules)):
-        if "fsdp" in ((entry,) if isinstance(entry, str) else tuple(entry or ())):
-            return dim
-    return None
+    dims = shd.dims_over(tuple(logical), rules, "fsdp")
+    return dims[0] if dims else None
 
 
 def _spec(ndim: int, dim: int | None) -> P:
@@ -87,6 +85,7 @@ def make_loss_and_grads(cfg: Config, mesh: Mesh, logical_specs: Any,
         fsdp=1 gathered over tensor)."""
         live = tuple(a for a in axes if sizes[a] > 1)
         return jax.lax.psum(x, live) if live else x
+
     is_spec = lambda x: isinstance(x, P)  # noqa: E731
     leaves, treedef = jax.tree_util.tree_flatten(logical_specs, is_leaf=is_spec)
     # Where each parameter arrives split (stage 3) and where its gradient leaves split (1–3).

@@ -263,13 +263,18 @@ def manual_fsdp(param_rules: Rules) -> Iterator[None]:
         _STORED_RULES.reset(token)
 
 
+def dims_over(logical_axes: Sequence[str | None], rules: Rules, mesh_axis: str) -> list[int]:
+    """The dimensions that `rules` split over `mesh_axis` (alone or with other axes)."""
+    return [dim for dim, entry in enumerate(logical_to_spec(tuple(logical_axes), rules))
+            if mesh_axis in ((entry,) if isinstance(entry, str) else tuple(entry or ()))]
+
+
 def _stored_fsdp_dims(logical_axes: Sequence[str | None]) -> list[int]:
     """Dimensions of a weight that arrive split over a manual fsdp axis (inside `manual_fsdp`)."""
     stored = _STORED_RULES.get()
     if stored is None or "fsdp" not in manual_axes() or jax.sharding.get_abstract_mesh().shape["fsdp"] == 1:
         return []  # (a collective over a size-1 manual axis got tensor's replica groups: skip it)
-    return [dim for dim, entry in enumerate(logical_to_spec(logical_axes, stored))
-            if "fsdp" in ((entry,) if isinstance(entry, str) else tuple(entry or ()))]
+    return dims_over(logical_axes, stored, "fsdp")
 
 
 def stored_shape(shape: tuple[int, ...], logical_axes: Sequence[str | None]) -> tuple[int, ...]:
