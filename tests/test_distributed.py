@@ -129,7 +129,7 @@ def test_two_processes_equal_one_process_and_restore_across_counts(tmp_path):
     _assert_same_curve(got_1, got_2)
 
 
-@pytest.mark.slow  # 5 runs, 3 of them 2-process (~6 min on the loaded 2-core VM)
+@pytest.mark.slow  # 5 runs, 3 of them 2-process (55 s on the idle 2-core VM, ~6 min loaded)
 def test_sigterm_to_launcher_and_checkpoints_across_process_counts(tmp_path):
     env = _env(tmp_path / "cache")
     launch = ["launch", "--processes", "2", "--", "train", "--devices", "2", *ARGS]
