@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from helpers import host_batch, layout, loss_and_grads, losses_and_params_after_steps, max_abs_diff, tiny_cfg
+from jaxsys import data
 from jaxsys import train_step as ts
 
 LAYOUTS = {
@@ -74,3 +75,18 @@ def test_params_after_steps_equal_one_device(name):
                name: losses_and_params_after_steps(*LAYOUTS[name], "train.microbatches=2")}
     np.testing.assert_allclose(results[name][0], results["one"][0], atol=2e-6)
     assert max_abs_diff(results[name][1], results["one"][1]) < 2e-5
+
+
+def test_evaluation_on_8_devices_runs_its_batches_one_at_a_time():
+    """Regression: dispatching 50 independent 8-device eval programs at once deadlocked XLA:CPU's
+    in-process all-reduce (the process aborted after the 40 s rendezvous timeout; reproduced
+    with the old `sum(eval_step(p, b) for b in batches)` in 1 of 1 tries of 20 evaluations).
+    `trainer.evaluate` reads each batch's loss before dispatching the next."""
+    from jaxsys import trainer
+    s = layout(tiny_cfg("mesh.data=8"))
+    params = ts.init_state(s, seed=0).params
+    eval_step = ts.compile_eval_step(s, s.cfg.train.batch_size)
+    batches = trainer.val_batches(data.load_corpus(s.cfg.data), s.cfg, s.batch_sharding, 50)
+    losses = [trainer.evaluate(eval_step, params, batches) for _ in range(20)]
+    single = [float(eval_step(params, b)) for b in batches]
+    assert losses == [sum(single) / len(single)] * 20
