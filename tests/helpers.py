@@ -49,19 +49,33 @@ def max_abs_diff(a, b) -> float:
                for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-@functools.lru_cache(maxsize=None)
-def losses_and_params_after_steps(*overrides: str, steps: int = 3):
-    """(per-step losses, host params) after `steps` compiled train steps of `tiny_cfg(*overrides)`
-    from seed 0 on the shipped data; cached per worker (the one-device run serves many tests)."""
-    cfg = tiny_cfg(*overrides)
-    s = layout(cfg)
-    state = ts.init_state(s, seed=0)
+def train_steps(s: ts.Setup, state: ts.TrainState, steps: int):
+    """(per-step losses, host params) after `steps` compiled train steps from `state` on the
+    shipped data (batches 0, 1, ... of seed 0)."""
     step = ts.compile_train_step(s)
-    corpus = data.load_corpus(cfg.data)
+    corpus = data.load_corpus(s.cfg.data)
     losses = []
     for k in range(steps):
-        batch = data.global_batch(corpus.train, 0, k, "train", cfg.train.batch_size,
-                                  cfg.model.seq_len, s.batch_sharding)
+        batch = data.global_batch(corpus.train, 0, k, "train", s.cfg.train.batch_size,
+                                  s.cfg.model.seq_len, s.batch_sharding)
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params)
+
+
+@functools.lru_cache(maxsize=None)
+def losses_and_params_after_steps(*overrides: str, steps: int = 3):
+    """`train_steps` of `tiny_cfg(*overrides)` from seed 0; cached per worker (the one-device
+    run serves many tests)."""
+    s = layout(tiny_cfg(*overrides))
+    return train_steps(s, ts.init_state(s, seed=0), steps)
+
+
+@functools.lru_cache(maxsize=None)
+def one_device_reference(*overrides: str):
+    """(host params, host batch, loss, grads) of `tiny_cfg("mesh.data=1", *overrides)` at seed 0;
+    cached per worker."""
+    s = layout(tiny_cfg("mesh.data=1", *overrides))
+    params = jax.device_get(ts.init_state(s, seed=0).params)
+    batch = host_batch(s.cfg)
+    return (params, batch, *loss_and_grads(s, params, batch))

@@ -33,8 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import host_batch, layout, tiny_cfg
-from jaxsys import data
+from helpers import host_batch, layout, tiny_cfg, train_steps
 from jaxsys import sharding as shd
 from jaxsys import train_step as ts
 from jaxsys.attention import attention
@@ -252,15 +251,7 @@ def _train(*overrides: str, init_params=None, steps: int = 3):
                                                 opt_state=s.tx.init(p)),
                         out_shardings=s.state_sharding)(
             jax.device_put(init_params, s.state_sharding.params))
-    step = ts.compile_train_step(s)
-    corpus = data.load_corpus(cfg.data)
-    losses = []
-    for k in range(steps):
-        batch = data.global_batch(corpus.train, 0, k, "train", cfg.train.batch_size,
-                                  cfg.model.seq_len, s.batch_sharding)
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
-    return losses, jax.device_get(state.params), s
+    return (*train_steps(s, state, steps), s)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

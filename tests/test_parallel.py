@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from helpers import host_batch, layout, loss_and_grads, losses_and_params_after_steps, max_abs_diff, tiny_cfg
+from helpers import layout, loss_and_grads, one_device_reference, losses_and_params_after_steps, max_abs_diff, tiny_cfg
 from jaxsys import data
 from jaxsys import train_step as ts
 
@@ -27,17 +27,11 @@ LAYOUTS = {
 
 
 FAMILY = {"gpt2": (), "llama": ("model.family=llama", "model.num_kv_heads=2")}
-_REFERENCE: dict = {}
 
 
 def reference(family: str):
     """(params, batch, loss, grads) on one device, computed once per family."""
-    if family not in _REFERENCE:
-        s = layout(tiny_cfg("mesh.data=1", *FAMILY[family]))
-        params = jax.device_get(ts.init_state(s, seed=0).params)
-        batch = host_batch(s.cfg)
-        _REFERENCE[family] = (params, batch, *loss_and_grads(s, params, batch))
-    return _REFERENCE[family]
+    return one_device_reference(*FAMILY[family])
 
 
 CASES = [("gpt2", name) for name in LAYOUTS] + [

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from helpers import host_batch, layout, loss_and_grads, max_abs_diff, tiny_cfg
+from helpers import layout, loss_and_grads, one_device_reference, max_abs_diff, tiny_cfg
 from test_planner import grad_hlo
 from jaxsys import hlo_stats
 from jaxsys import sharding as shd
@@ -33,17 +33,11 @@ LAYOUTS = {
     "data=2,tensor=4": ("mesh.data=2", "mesh.tensor=4"),
     "fsdp=2,tensor=2,data=2": ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"),
 }
-_REFERENCE: dict = {}
 
 
 def reference(family: str):
     """(params, batch, loss, grads) on one device, computed once per family."""
-    if family not in _REFERENCE:
-        s = layout(tiny_cfg("mesh.data=1", *MODEL[family]))
-        params = jax.device_get(ts.init_state(s, seed=0).params)
-        batch = host_batch(s.cfg)
-        _REFERENCE[family] = (params, batch, *loss_and_grads(s, params, batch))
-    return _REFERENCE[family]
+    return one_device_reference(*MODEL[family])
 
 
 # Default run: one case per mesh shape plus SP on and off on two of them; the rest are slow.
