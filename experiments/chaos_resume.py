@@ -76,7 +76,7 @@ def _rows(run_dir: Path) -> tuple[list[dict], int]:
 
 
 def _final_params(run_dir: Path):
-    from jaxsys.trainer import load_for_sampling
+    from jaxsys.inference.load import load_for_sampling
     return load_for_sampling(run_dir)[2]
 
 

@@ -37,7 +37,7 @@ import argparse
 import os
 import time
 
-from jaxsys.cli import simulate_cpu_devices  # imports no jax
+from jaxsys.parallel.runtime import simulate_cpu_devices  # imports no jax
 
 # Applied before the caller's overrides so that the default run fits in a few CPU minutes.
 PRESET_DEFAULTS = {"shakespeare": ["model.seq_len=64", "train.batch_size=32"]}
@@ -78,15 +78,18 @@ def main() -> None:
     import jax  # only now that XLA_FLAGS is set: the backend reads it once
     import numpy as np
 
-    from jaxsys import config as config_lib, data, sharding as shd, train_step as ts
-    from jaxsys.presets import get_preset
+    from jaxsys import config as config_lib
+    from jaxsys.config.presets import get_preset
+    from jaxsys.data import batches, corpus as corpus_lib
+    from jaxsys.parallel.mesh import make_mesh
+    from jaxsys.train import state as ts, step as train_step
 
     if len(jax.devices()) != args.devices:
         raise SystemExit(f"Asked for {args.devices} devices but jax has {len(jax.devices())} "
                          f"({jax.devices()[0].platform}); was XLA_FLAGS or JAX_PLATFORMS set elsewhere?")
     base = config_lib.apply_overrides(get_preset(args.preset),
                                       PRESET_DEFAULTS.get(args.preset, []) + args.overrides)
-    corpus = data.load_corpus(base.data)
+    corpus = corpus_lib.load_corpus(base.data)
     MiB = 2**20
 
     def run(name: str, data_ways: int, fsdp_ways: int) -> dict:
@@ -94,12 +97,12 @@ def main() -> None:
             base, [f"mesh.data={data_ways}", f"mesh.fsdp={fsdp_ways}", "mesh.tensor=1", "mesh.pipe=1"])
         config_lib.validate(cfg)
         devices = jax.devices()[:data_ways * fsdp_ways]
-        mesh = shd.make_mesh(cfg.mesh, devices)
+        mesh = make_mesh(cfg.mesh, devices)
         s = ts.setup(cfg, mesh)
         state = ts.init_state(s, cfg.train.seed)
 
         t0 = time.perf_counter()
-        compiled = ts.compile_train_step(s)
+        compiled = train_step.compile_train_step(s)
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
         B, T = cfg.train.batch_size, cfg.model.seq_len
@@ -107,8 +110,8 @@ def main() -> None:
 
         losses, step_s = [], []
         for step in range(args.steps):
-            batch = data.global_batch(corpus.train, cfg.train.seed, step, "train", B, T,
-                                      s.batch_sharding)
+            batch = batches.global_batch(corpus.train, cfg.train.seed, step, "train", B, T,
+                                         s.batch_sharding)
             t0 = time.perf_counter()
             state, metrics = compiled(state, batch)
             jax.block_until_ready((state, metrics))

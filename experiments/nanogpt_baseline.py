@@ -143,8 +143,8 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------- training
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "jaxsys" / "data" / "tinyshakespeare.txt.gz"),
-                    help="the text (.txt, or .txt.gz as shipped in jaxsys/data)")
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "jaxsys" / "data" / "assets" / "tinyshakespeare.txt.gz"),
+                    help="the text (.txt, or .txt.gz as shipped in jaxsys/data/assets)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--final_eval_iters", type=int, default=200)
     args = ap.parse_args()

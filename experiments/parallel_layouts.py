@@ -2,7 +2,7 @@
 its closed form: DP, ZeRO-1/2/3, tensor parallel, TP + sequence parallel, and mixes.
 
 For each layout:
-- memory columns come from `jaxsys.planner.plan` (the train step compiled ahead of time at the
+- memory columns come from `jaxsys.tools.planner.plan` (the train step compiled ahead of time at the
   real model shapes, `--plan` overrides; default batch 8 × 1024 tokens): parameters + gradients
   + AdamW moments per device beside the ZeRO formula (4Ψ + 4Ψ + 8Ψ bytes with the stage's and
   tensor's divisions), XLA temporaries beside the Korthikanti activation formula;
@@ -26,7 +26,7 @@ import argparse
 import os
 import time
 
-from jaxsys.cli import simulate_cpu_devices  # imports no jax
+from jaxsys.parallel.runtime import simulate_cpu_devices  # imports no jax
 
 LAYOUTS = [
     ("DP data=8", ["mesh.data=8"]),
@@ -61,13 +61,15 @@ def parse_args() -> argparse.Namespace:
 def time_step(cfg, steps: int) -> float:
     """Mean seconds per compiled step call (after one warm-up call)."""
     import jax
-    from jaxsys import data, sharding as shd, train_step as ts
-    s = ts.setup(cfg, shd.make_mesh(cfg.mesh))
+    from jaxsys.data import batches as batches_lib, corpus as corpus_lib
+    from jaxsys.parallel.mesh import make_mesh
+    from jaxsys.train import state as ts, step as train_step
+    s = ts.setup(cfg, make_mesh(cfg.mesh))
     state = ts.init_state(s, seed=0)
-    step = ts.compile_train_step(s)
-    corpus = data.load_corpus(cfg.data)
-    batches = [data.global_batch(corpus.train, 0, k, "train", cfg.train.batch_size, cfg.model.seq_len,
-                                 s.batch_sharding) for k in range(steps + 1)]
+    step = train_step.compile_train_step(s)
+    corpus = corpus_lib.load_corpus(cfg.data)
+    batches = [batches_lib.global_batch(corpus.train, 0, k, "train", cfg.train.batch_size,
+                                        cfg.model.seq_len, s.batch_sharding) for k in range(steps + 1)]
     state, m = step(state, batches[0])
     jax.block_until_ready(m)
     t0 = time.perf_counter()
@@ -82,9 +84,9 @@ def main() -> None:
     simulate_cpu_devices(8)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
-    from jaxsys import planner
     from jaxsys.config import apply_overrides
-    from jaxsys.presets import get_preset
+    from jaxsys.config.presets import get_preset
+    from jaxsys.tools import planner
 
     MiB = 2.0 ** 20
     header = ("| layout | state MiB/dev | formula | Δ | temp MiB/dev | activations formula | "

@@ -30,7 +30,7 @@ import sys
 import time
 import zlib
 
-from jaxsys.cli import simulate_cpu_devices  # imports no jax
+from jaxsys.parallel.runtime import simulate_cpu_devices  # imports no jax
 
 COLOURS = {0: (255, 255, 255), 1: (70, 120, 200), 2: (240, 150, 40), 3: (90, 170, 90)}
 
@@ -68,8 +68,10 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxsys import pipeline, presets, sharding as shd, train_step as ts
-    from jaxsys.config import apply_overrides
+    from jaxsys.config import apply_overrides, presets
+    from jaxsys.parallel.mesh import make_mesh
+    from jaxsys.parallel.pipeline import executor, program
+    from jaxsys.train import state as ts
 
     p = args.p
     os.makedirs(args.out, exist_ok=True)
@@ -83,12 +85,12 @@ def main() -> None:
                 f"model.num_layers={p * v * args.layers_per_stage}", f"mesh.pipe={p}", "mesh.data=1", f"pipeline.schedule={name}",
                 f"pipeline.microbatches={m}", f"pipeline.virtual_stages={v}",
                 f"train.batch_size={args.rows * m}", *args.overrides])
-            s = ts.setup(cfg, shd.make_mesh(cfg.mesh, jax.devices()[:p]))
-            prog = pipeline.compile_schedule(pipeline.make_schedule(cfg, p))
+            s = ts.setup(cfg, make_mesh(cfg.mesh, jax.devices()[:p]))
+            prog = program.compile_schedule(program.make_schedule(cfg, p))
             params = ts.init_state(s, seed=0).params
             tok = jnp.zeros((cfg.train.batch_size, cfg.model.seq_len), jnp.int32)
             batch = jax.device_put({"inputs": tok, "targets": tok}, s.batch_sharding)
-            fn = jax.jit(lambda pa, b: pipeline.loss_and_grads(cfg, s.mesh, prog, pa, b))
+            fn = jax.jit(lambda pa, b: executor.pipeline_grads(cfg, s.mesh, prog, pa, b))
             compiled = fn.lower(params, batch).compile()
             out = jax.block_until_ready(compiled(params, batch))
             t0 = time.perf_counter()
@@ -99,7 +101,7 @@ def main() -> None:
             formula = "—" if name == "zb-h1" else f"{(p - 1) / (v * m + p - 1):.4f}"
             slot_bytes = args.layers_per_stage * args.rows * cfg.model.seq_len * cfg.model.embed_dim * 4
             temp = compiled.memory_analysis().temp_size_in_bytes
-            print(f"{name:<18}{m:>4}{formula:>16}{pipeline.executed_bubble(ops):>16.4f}{prog.x_slots:>7}"
+            print(f"{name:<18}{m:>4}{formula:>16}{program.executed_bubble(ops):>16.4f}{prog.x_slots:>7}"
                   f"{prog.x_slots * slot_bytes / 1024:>11.0f}{temp / 1024:>10.0f}{step_ms:>9.1f}", flush=True)
         path = os.path.join(args.out, f"timeline_{name}_p{p}_m{m}.png")
         write_png(path, ops)

@@ -19,7 +19,7 @@ import argparse
 import statistics
 import time
 
-from jaxsys.cli import simulate_cpu_devices  # imports no jax
+from jaxsys.parallel.runtime import simulate_cpu_devices  # imports no jax
 
 
 def main() -> None:
@@ -33,10 +33,12 @@ def main() -> None:
 
     import jax
 
-    from jaxsys import data, sharding as shd, train_step as ts
     from jaxsys.config import apply_overrides
-    from jaxsys.model import flops_per_token
-    from jaxsys.presets import get_preset
+    from jaxsys.config.presets import get_preset
+    from jaxsys.data import batches, corpus as corpus_lib
+    from jaxsys.model.flops import flops_per_token
+    from jaxsys.parallel.mesh import make_mesh
+    from jaxsys.train import state as ts, step as train_step
 
     names = [p for p in args.presets if "=" not in p]
     overrides = [p for p in args.presets if "=" in p]
@@ -46,16 +48,16 @@ def main() -> None:
     rows = []
     for name in names:
         cfg = apply_overrides(get_preset(name), overrides)
-        s = ts.setup(cfg, shd.make_mesh(cfg.mesh))
+        s = ts.setup(cfg, make_mesh(cfg.mesh))
         state = ts.init_state(s, 0)
         t0 = time.perf_counter()
-        step = ts.compile_train_step(s)
+        step = train_step.compile_train_step(s)
         compile_s = time.perf_counter() - t0
-        corpus = data.load_corpus(cfg.data)
+        corpus = corpus_lib.load_corpus(cfg.data)
         B, T = cfg.train.batch_size, cfg.model.seq_len
         times = []
         for k in range(args.warmup + args.steps):
-            batch = data.global_batch(corpus.train, 0, k, "train", B, T, s.batch_sharding)
+            batch = batches.global_batch(corpus.train, 0, k, "train", B, T, s.batch_sharding)
             t0 = time.perf_counter()
             state, metrics = step(state, batch)
             jax.block_until_ready(metrics)

@@ -1,5 +1,5 @@
 import sys
 
-from jaxsys.cli import main
+from jaxsys.cli.main import main
 
 sys.exit(main())

@@ -1,8 +1,10 @@
 """FlashAttention-2 in Pallas: tiled forward with online softmax, backward from the log-sum-exp.
 
 Shapes: B batch, T query length, S key length, H query heads, K key/value heads (G = H // K
-query heads share K/V head h // G; K/V are never repeated), D head size; Tp, Sp the lengths
-padded up to whole blocks, bq / bk the query / key block sizes. Layout [B, T, H, D] as in the
+query heads share K/V head h // G; K/V are never repeated), E head size; Tp, Sp the lengths
+padded up to whole blocks, bq / bk the query / key block sizes. Inside a kernel, lower case is
+one tile's share: t the bq query rows, s the bk key rows (`s_ts` is a score tile, `q_tE` a
+query tile), as in the glossary of `jaxsys.model.axes`. Layout [B, T, H, E] as in the
 model. `pallas_kernels.reference.flash_attention_reference` is the plain-`jnp` twin.
 
 Three `pallas_call`s joined by `jax.custom_vjp` (`jax.grad` cannot go through a pallas_call):
@@ -38,7 +40,7 @@ from pallas_kernels.reference import MASK_VALUE
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 GPU_HEAD_DIMS = (64, 128, 256)
-# (block_q, block_k) per head dim, sized so a [bq, D] q tile, two [bk, D] K/V tiles and the
+# (block_q, block_k) per head dim, sized so a [bq, E] q tile, two [bk, E] K/V tiles and the
 # fp32 accumulator fit in an SM's shared memory/registers. Starting points; GPU tuning owed.
 DEFAULT_BLOCKS = {64: (128, 128), 128: (128, 64), 256: (64, 32)}
 
@@ -118,32 +120,32 @@ def _fwd_kernel(*refs, st: _Static):
         q_seg = kseg_ref = None
     bq, bk = st.block_q, st.block_k
     i = pl.program_id(2)
-    q_bD = q_ref[...]
+    q_tE = q_ref[...]
     num_kv = k_ref.shape[0] // bk
 
     def body(j, carry):
-        acc_bD, m_b, l_b = carry
+        acc_tE, m_t, l_t = carry
         ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
-        k_kD, v_kD = k_ref[ks, :], v_ref[ks, :]
-        s_bk = _dot(q_bD, k_kD, (1, 1)) * st.scale
+        k_sE, v_sE = k_ref[ks, :], v_ref[ks, :]
+        s_ts = _dot(q_tE, k_sE, (1, 1)) * st.scale
         if st.needs_mask:
             kv_seg = kseg_ref[ks] if st.segments else None
-            s_bk = jnp.where(_mask(st, i * bq, j * bk, q_seg, kv_seg), s_bk, MASK_VALUE)
-        m_new = jnp.maximum(m_b, s_bk.max(axis=1))
-        alpha = jnp.exp(m_b - m_new)  # rescales what was accumulated under the old max
-        p_bk = jnp.exp(s_bk - m_new[:, None])
-        l_new = alpha * l_b + p_bk.sum(axis=1)
-        acc_new = alpha[:, None] * acc_bD + _dot(p_bk.astype(v_kD.dtype), v_kD, (1, 0))
+            s_ts = jnp.where(_mask(st, i * bq, j * bk, q_seg, kv_seg), s_ts, MASK_VALUE)
+        m_new = jnp.maximum(m_t, s_ts.max(axis=1))
+        alpha = jnp.exp(m_t - m_new)  # rescales what was accumulated under the old max
+        p_ts = jnp.exp(s_ts - m_new[:, None])
+        l_new = alpha * l_t + p_ts.sum(axis=1)
+        acc_new = alpha[:, None] * acc_tE + _dot(p_ts.astype(v_sE.dtype), v_sE, (1, 0))
         return acc_new, m_new, l_new
 
     end = _causal_kv_end(st, i, num_kv) if st.causal else num_kv
-    init = (jnp.zeros(q_bD.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
+    init = (jnp.zeros(q_tE.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
             jnp.zeros((bq,), jnp.float32))
-    acc_bD, m_b, l_b = lax.fori_loop(0, end, body, init)
+    acc_tE, m_t, l_t = lax.fori_loop(0, end, body, init)
     # Guard l = 0 (a row that visited no key block) so that nothing here can produce NaN.
-    l_safe = jnp.where(l_b == 0.0, 1.0, l_b)
-    o_ref[...] = (acc_bD / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(l_b == 0.0, MASK_VALUE, m_b + jnp.log(l_safe))
+    l_safe = jnp.where(l_t == 0.0, 1.0, l_t)
+    o_ref[...] = (acc_tE / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(l_t == 0.0, MASK_VALUE, m_t + jnp.log(l_safe))
 
 
 # ----------------------------------------------------------------------------- backward kernels
@@ -158,25 +160,25 @@ def _dq_kernel(*refs, st: _Static):
         q_seg = kseg_ref = None
     bq, bk = st.block_q, st.block_k
     i = pl.program_id(2)
-    q_bD, do_bD = q_ref[...], do_ref[...]
-    lse_b, delta_b = lse_ref[...], delta_ref[...]
+    q_tE, do_tE = q_ref[...], do_ref[...]
+    lse_t, delta_t = lse_ref[...], delta_ref[...]
     num_kv = k_ref.shape[0] // bk
 
-    def body(j, dq_bD):
+    def body(j, dq_tE):
         ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
-        k_kD, v_kD = k_ref[ks, :], v_ref[ks, :]
-        s_bk = _dot(q_bD, k_kD, (1, 1)) * st.scale
-        p_bk = jnp.exp(s_bk - lse_b[:, None])
+        k_sE, v_sE = k_ref[ks, :], v_ref[ks, :]
+        s_ts = _dot(q_tE, k_sE, (1, 1)) * st.scale
+        p_ts = jnp.exp(s_ts - lse_t[:, None])
         if st.needs_mask:
             kv_seg = kseg_ref[ks] if st.segments else None
-            p_bk = jnp.where(_mask(st, i * bq, j * bk, q_seg, kv_seg), p_bk, 0.0)
-        dp_bk = _dot(do_bD, v_kD, (1, 1))
-        ds_bk = p_bk * (dp_bk - delta_b[:, None])
-        return dq_bD + _dot(ds_bk.astype(k_kD.dtype), k_kD, (1, 0))
+            p_ts = jnp.where(_mask(st, i * bq, j * bk, q_seg, kv_seg), p_ts, 0.0)
+        dp_ts = _dot(do_tE, v_sE, (1, 1))
+        ds_ts = p_ts * (dp_ts - delta_t[:, None])
+        return dq_tE + _dot(ds_ts.astype(k_sE.dtype), k_sE, (1, 0))
 
     end = _causal_kv_end(st, i, num_kv) if st.causal else num_kv
-    dq_bD = lax.fori_loop(0, end, body, jnp.zeros(q_bD.shape, jnp.float32))
-    dq_ref[...] = (dq_bD * st.scale).astype(dq_ref.dtype)
+    dq_tE = lax.fori_loop(0, end, body, jnp.zeros(q_tE.shape, jnp.float32))
+    dq_ref[...] = (dq_tE * st.scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(*refs, st: _Static):
@@ -189,33 +191,33 @@ def _dkv_kernel(*refs, st: _Static):
         qseg_ref = kv_seg = None
     bq, bk = st.block_q, st.block_k
     j = pl.program_id(2)
-    k_kD, v_kD = k_ref[...], v_ref[...]
+    k_sE, v_sE = k_ref[...], v_ref[...]
     num_q = q_ref.shape[0] // bq
     start = _causal_q_start(st, j) if st.causal else 0
 
     def q_body(g, i, carry):
-        dk_kD, dv_kD = carry
+        dk_sE, dv_sE = carry
         qs = pl.ds(pl.multiple_of(i * bq, bq), bq)
-        q_bD, do_bD = q_ref[qs, g, :], do_ref[qs, g, :]
-        lse_b, delta_b = lse_ref[g, qs], delta_ref[g, qs]
-        s_bk = _dot(q_bD, k_kD, (1, 1)) * st.scale
-        p_bk = jnp.exp(s_bk - lse_b[:, None])
+        q_tE, do_tE = q_ref[qs, g, :], do_ref[qs, g, :]
+        lse_t, delta_t = lse_ref[g, qs], delta_ref[g, qs]
+        s_ts = _dot(q_tE, k_sE, (1, 1)) * st.scale
+        p_ts = jnp.exp(s_ts - lse_t[:, None])
         if st.needs_mask:
             q_seg = qseg_ref[qs] if st.segments else None
-            p_bk = jnp.where(_mask(st, i * bq, j * bk, q_seg, kv_seg), p_bk, 0.0)
-        dv_kD = dv_kD + _dot(p_bk.astype(do_bD.dtype), do_bD, (0, 0))
-        dp_bk = _dot(do_bD, v_kD, (1, 1))
-        ds_bk = p_bk * (dp_bk - delta_b[:, None])
-        dk_kD = dk_kD + _dot(ds_bk.astype(q_bD.dtype), q_bD, (0, 0))
-        return dk_kD, dv_kD
+            p_ts = jnp.where(_mask(st, i * bq, j * bk, q_seg, kv_seg), p_ts, 0.0)
+        dv_sE = dv_sE + _dot(p_ts.astype(do_tE.dtype), do_tE, (0, 0))
+        dp_ts = _dot(do_tE, v_sE, (1, 1))
+        ds_ts = p_ts * (dp_ts - delta_t[:, None])
+        dk_sE = dk_sE + _dot(ds_ts.astype(q_tE.dtype), q_tE, (0, 0))
+        return dk_sE, dv_sE
 
     def g_body(g, carry):  # the G query heads that share this K/V head
         return lax.fori_loop(start, num_q, functools.partial(q_body, g), carry)
 
-    zeros = jnp.zeros(k_kD.shape, jnp.float32)
-    dk_kD, dv_kD = lax.fori_loop(0, st.groups, g_body, (zeros, zeros))
-    dk_ref[...] = (dk_kD * st.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv_kD.astype(dv_ref.dtype)
+    zeros = jnp.zeros(k_sE.shape, jnp.float32)
+    dk_sE, dv_sE = lax.fori_loop(0, st.groups, g_body, (zeros, zeros))
+    dk_ref[...] = (dk_sE * st.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_sE.astype(dv_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- pallas_calls
@@ -246,11 +248,11 @@ def _seg_specs(st: _Static, q_block: bool, Tp: int, Sp: int) -> list[pl.BlockSpe
 
 
 def _forward(st: _Static, q, k, v, qseg, kseg):
-    """Padded inputs -> (o [B,Tp,H,D], lse [B,H,Tp] float32)."""
-    B, Tp, H, D = q.shape
+    """Padded inputs -> (o [B,Tp,H,E], lse [B,H,Tp] float32)."""
+    B, Tp, H, E = q.shape
     Sp, G = k.shape[1], st.groups
-    q_spec = pl.BlockSpec((None, st.block_q, None, D), lambda b, h, i: (b, i, h, 0))
-    kv_spec = pl.BlockSpec((None, Sp, None, D), lambda b, h, i: (b, 0, h // G, 0))
+    q_spec = pl.BlockSpec((None, st.block_q, None, E), lambda b, h, i: (b, i, h, 0))
+    kv_spec = pl.BlockSpec((None, Sp, None, E), lambda b, h, i: (b, 0, h // G, 0))
     in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
     if st.segments:
         in_specs += _seg_specs(st, True, Tp, Sp)
@@ -258,35 +260,35 @@ def _forward(st: _Static, q, k, v, qseg, kseg):
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)]
     out_specs = [q_spec, pl.BlockSpec((None, None, st.block_q), lambda b, h, i: (b, h, i))]
-    o, lse = _call(_fwd_kernel, st, D, (B, H, Tp // st.block_q), in_specs, out_specs,
+    o, lse = _call(_fwd_kernel, st, E, (B, H, Tp // st.block_q), in_specs, out_specs,
                    out_shape, "flash_attention_fwd")(*args)
     return o, lse
 
 
 def _backward(st: _Static, q, k, v, qseg, kseg, do, lse, delta):
     """Padded inputs -> (dq, dk, dv) in the inputs' dtypes."""
-    B, Tp, H, D = q.shape
+    B, Tp, H, E = q.shape
     Sp, K, G = k.shape[1], k.shape[2], st.groups
     seg_args = [qseg, kseg] if st.segments else []
 
-    q_spec = pl.BlockSpec((None, st.block_q, None, D), lambda b, h, i: (b, i, h, 0))
-    kv_spec = pl.BlockSpec((None, Sp, None, D), lambda b, h, i: (b, 0, h // G, 0))
+    q_spec = pl.BlockSpec((None, st.block_q, None, E), lambda b, h, i: (b, i, h, 0))
+    kv_spec = pl.BlockSpec((None, Sp, None, E), lambda b, h, i: (b, 0, h // G, 0))
     row_spec = pl.BlockSpec((None, None, st.block_q), lambda b, h, i: (b, h, i))
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     if st.segments:
         in_specs += _seg_specs(st, True, Tp, Sp)
-    dq = _call(_dq_kernel, st, D, (B, H, Tp // st.block_q), in_specs, q_spec,
+    dq = _call(_dq_kernel, st, E, (B, H, Tp // st.block_q), in_specs, q_spec,
                jax.ShapeDtypeStruct(q.shape, q.dtype), "flash_attention_dq",
                )(q, k, v, do, lse, delta, *seg_args)
 
     # Grid over K/V heads: block kh of the H axis (size G) holds exactly its query heads.
-    qg_spec = pl.BlockSpec((None, Tp, G, D), lambda b, kh, j: (b, 0, kh, 0))
-    kb_spec = pl.BlockSpec((None, st.block_k, None, D), lambda b, kh, j: (b, j, kh, 0))
+    qg_spec = pl.BlockSpec((None, Tp, G, E), lambda b, kh, j: (b, 0, kh, 0))
+    kb_spec = pl.BlockSpec((None, st.block_k, None, E), lambda b, kh, j: (b, j, kh, 0))
     rows_spec = pl.BlockSpec((None, G, Tp), lambda b, kh, j: (b, kh, 0))
     in_specs = [qg_spec, kb_spec, kb_spec, qg_spec, rows_spec, rows_spec]
     if st.segments:
         in_specs += _seg_specs(st, False, Tp, Sp)
-    dk, dv = _call(_dkv_kernel, st, D, (B, K, Sp // st.block_k), in_specs, [kb_spec, kb_spec],
+    dk, dv = _call(_dkv_kernel, st, E, (B, K, Sp // st.block_k), in_specs, [kb_spec, kb_spec],
                    [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
                    "flash_attention_dkv")(q, k, v, do, lse, delta, *seg_args)
     return dq, dk, dv
@@ -348,9 +350,9 @@ def check_supported(q_shape, k_shape, v_shape, dtype, *, interpret: bool, causal
     if not (len(q_shape) == len(k_shape) == len(v_shape) == 4):
         raise ValueError(f"flash_attention expects [batch, seq, heads, head_dim] arrays, got "
                          f"q{tuple(q_shape)}, k{tuple(k_shape)}, v{tuple(v_shape)}.")
-    B, T, H, D = q_shape
-    if tuple(k_shape) != tuple(v_shape) or k_shape[0] != B or k_shape[3] != D:
-        raise ValueError(f"k and v must both be [batch={B}, S, kv_heads, head_dim={D}]; got "
+    B, T, H, E = q_shape
+    if tuple(k_shape) != tuple(v_shape) or k_shape[0] != B or k_shape[3] != E:
+        raise ValueError(f"k and v must both be [batch={B}, S, kv_heads, head_dim={E}]; got "
                          f"k{tuple(k_shape)}, v{tuple(v_shape)}.")
     if causal and T > k_shape[1]:
         raise ValueError(f"causal attention with more queries ({T}) than keys ({k_shape[1]}): "
@@ -361,9 +363,9 @@ def check_supported(q_shape, k_shape, v_shape, dtype, *, interpret: bool, causal
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
         raise ValueError(f"flash_attention supports float32, bfloat16 and float16 inputs, "
                          f"got {jnp.dtype(dtype)}.")
-    if not interpret and D not in GPU_HEAD_DIMS:
+    if not interpret and E not in GPU_HEAD_DIMS:
         raise ValueError(f"the compiled GPU kernel supports head_dim in {GPU_HEAD_DIMS}, got "
-                         f"{D}; pad the head dim or run with interpret=True.")
+                         f"{E}; pad the head dim or run with interpret=True.")
     for name, b in (("block_q", block_q), ("block_k", block_k)):
         if b is None:
             continue
@@ -372,28 +374,28 @@ def check_supported(q_shape, k_shape, v_shape, dtype, *, interpret: bool, causal
                              f">= 16 for the compiled GPU kernel.")
 
 
-def flash_attention_with_lse(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
+def flash_attention_with_lse(q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, *,
                              causal: bool = True, sm_scale: float | None = None,
                              segment_ids=None, block_q: int | None = None,
                              block_k: int | None = None, interpret: bool | None = None,
                              ) -> tuple[jax.Array, jax.Array]:
-    """Flash attention returning (o [B,T,H,D] in q's dtype, lse [B,H,T] float32, natural log).
+    """Flash attention returning (o [B,T,H,E] in q's dtype, lse [B,H,T] float32, natural log).
 
     Differentiable in q, k, v (also through lse). `segment_ids`: None; one int array [B, T]
     when T == S (self-attention over packed sequences); or a pair (q_ids [B,T], kv_ids [B,S]).
-    `sm_scale` defaults to 1/sqrt(D). Block sizes default per head dim (`default_block_sizes`),
+    `sm_scale` defaults to 1/sqrt(E). Block sizes default per head dim (`default_block_sizes`),
     capped at the next power of two of the sequence length. `interpret`: see
     `resolve_interpret`. Causal masking is bottom-right aligned (query t sees keys
-    s <= t + S - T), like `jaxsys.attention.xla_attention`, and needs T <= S. A query row whose
+    s <= t + S - T), like `jaxsys.model.attention.xla_attention`, and needs T <= S. A query row whose
     segment id matches no visible key has no defined output (the reference averages v).
     """
     interpret = resolve_interpret(interpret)
-    check_supported(q_BTHD.shape, k_BSKD.shape, v_BSKD.shape, q_BTHD.dtype, interpret=interpret,
+    check_supported(q_BTHE.shape, k_BSKE.shape, v_BSKE.shape, q_BTHE.dtype, interpret=interpret,
                     causal=causal, block_q=block_q, block_k=block_k)
-    B, T, H, D = q_BTHD.shape
-    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-    k_BSKD, v_BSKD = k_BSKD.astype(q_BTHD.dtype), v_BSKD.astype(q_BTHD.dtype)
-    dq, dk = default_block_sizes(D)
+    B, T, H, E = q_BTHE.shape
+    S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+    k_BSKE, v_BSKE = k_BSKE.astype(q_BTHE.dtype), v_BSKE.astype(q_BTHE.dtype)
+    dq, dk = default_block_sizes(E)
     block_q = block_q or min(dq, max(16, _next_pow2(T)))
     block_k = block_k or min(dk, max(16, _next_pow2(S)))
     qseg = kseg = None
@@ -404,19 +406,19 @@ def flash_attention_with_lse(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.A
             raise ValueError(f"segment ids must be [B, T]=({B}, {T}) for queries and "
                              f"[B, S]=({B}, {S}) for keys; got {qseg.shape} and {kseg.shape}.")
         qseg, kseg = qseg.astype(jnp.int32), kseg.astype(jnp.int32)
-    st = _Static(causal=bool(causal), scale=float(1.0 / math.sqrt(D) if sm_scale is None
+    st = _Static(causal=bool(causal), scale=float(1.0 / math.sqrt(E) if sm_scale is None
                                                   else sm_scale),
                  T=T, S=S, block_q=block_q, block_k=block_k, groups=H // K,
                  segments=segment_ids is not None, interpret=interpret)
-    return _flash(st, q_BTHD, k_BSKD, v_BSKD, qseg, kseg)
+    return _flash(st, q_BTHE, k_BSKE, v_BSKE, qseg, kseg)
 
 
-def flash_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
+def flash_attention(q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, *,
                     causal: bool = True, sm_scale: float | None = None, segment_ids=None,
                     block_q: int | None = None, block_k: int | None = None,
                     interpret: bool | None = None) -> jax.Array:
-    """Flash attention [B,T,H,D] x [B,S,K,D] x [B,S,K,D] -> [B,T,H,D]; see
+    """Flash attention [B,T,H,E] x [B,S,K,E] x [B,S,K,E] -> [B,T,H,E]; see
     `flash_attention_with_lse` for the arguments."""
-    return flash_attention_with_lse(q_BTHD, k_BSKD, v_BSKD, causal=causal, sm_scale=sm_scale,
+    return flash_attention_with_lse(q_BTHE, k_BSKE, v_BSKE, causal=causal, sm_scale=sm_scale,
                                     segment_ids=segment_ids, block_q=block_q, block_k=block_k,
                                     interpret=interpret)[0]

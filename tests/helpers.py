@@ -1,4 +1,4 @@
-"""Shared test utilities: build a layout, compute loss and gradients on it."""
+"""Shared test utilities: build a layout, compute loss and gradients on it, read its HLO."""
 
 from __future__ import annotations
 
@@ -6,42 +6,61 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxsys import data
-from jaxsys import sharding as shd
-from jaxsys import train_step as ts
 from jaxsys.config import Config, apply_overrides
-from jaxsys.presets import tiny
+from jaxsys.config.presets import tiny
+from jaxsys.data.batches import global_batch, local_batch
+from jaxsys.data.corpus import load_corpus
+from jaxsys.model.loss import loss
+from jaxsys.parallel.install import parallelize
+from jaxsys.parallel.mesh import make_mesh, replicated
+from jaxsys.parallel.rules import with_shardings
+from jaxsys.train.state import Setup, TrainState, init_state, setup
+from jaxsys.train.step import compile_train_step
 
 
 def tiny_cfg(*overrides: str) -> Config:
     return apply_overrides(tiny(), ["train.batch_size=16", *overrides])
 
 
-def layout(cfg: Config) -> ts.Setup:
+def layout(cfg: Config) -> Setup:
     """Setup on exactly as many devices as the mesh asks for (1 when every axis is 1)."""
     sizes = [getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor", "pipe")]
     n = math.prod(sizes) if -1 not in sizes else len(jax.devices())
-    return ts.setup(cfg, shd.make_mesh(cfg.mesh, jax.devices()[:n]))
+    return setup(cfg, make_mesh(cfg.mesh, jax.devices()[:n]))
 
 
 def host_batch(cfg: Config, step: int = 0) -> dict[str, np.ndarray]:
-    corpus = data.load_corpus(cfg.data)
-    return data.local_batch(corpus.train, cfg.train.seed, step, "train", cfg.train.batch_size,
-                            cfg.model.seq_len)
+    corpus = load_corpus(cfg.data)
+    return local_batch(corpus.train, cfg.train.seed, step, "train", cfg.train.batch_size,
+                       cfg.model.seq_len)
 
 
-def loss_and_grads(s: ts.Setup, params_host, batch_host):
+def loss_and_grads(s: Setup, params_host, batch_host):
     """Loss and gradients computed with `s`'s shardings; returns host numpy trees."""
     params = jax.device_put(params_host, s.state_sharding.params)
     batch = jax.device_put(batch_host, s.batch_sharding)
-    fn = jax.jit(jax.value_and_grad(lambda p, b: ts.loss_fn(s.model, p, b, None)),
+    fn = jax.jit(jax.value_and_grad(lambda p, b: loss(s.model, p, b, None)),
                  in_shardings=(s.state_sharding.params, s.batch_sharding),
-                 out_shardings=(shd.replicated(s.mesh), s.state_sharding.params))
-    with shd.activation_sharding(s.mesh):
-        loss, grads = fn(params, batch)
-    return float(loss), jax.device_get(grads)
+                 out_shardings=(replicated(s.mesh), s.state_sharding.params))
+    with parallelize(s.mesh):
+        loss_, grads = fn(params, batch)
+    return float(loss_), jax.device_get(grads)
+
+
+def grad_hlo(s: Setup) -> str:
+    """Optimized HLO of loss + gradients with `s`'s shardings: the train step minus the
+    optimizer update (which adds no tensor-axis collectives), cheaper to compile."""
+    tokens = jax.ShapeDtypeStruct((s.cfg.train.batch_size, s.cfg.model.seq_len), jnp.int32,
+                                  sharding=s.batch_sharding)
+    params = with_shardings(s.abstract_params, s.state_sharding.params)
+    fn = jax.jit(jax.value_and_grad(lambda p, b: loss(s.model, p, b, None)),
+                 in_shardings=(s.state_sharding.params, s.batch_sharding),
+                 out_shardings=(replicated(s.mesh), s.grad_sharding))
+    with parallelize(s.mesh, s.activation_rules):
+        return fn.lower(params, {"inputs": tokens, "targets": tokens}).compile().as_text()
 
 
 def max_abs_diff(a, b) -> float:
@@ -49,15 +68,15 @@ def max_abs_diff(a, b) -> float:
                for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-def train_steps(s: ts.Setup, state: ts.TrainState, steps: int):
+def train_steps(s: Setup, state: TrainState, steps: int):
     """(per-step losses, host params) after `steps` compiled train steps from `state` on the
     shipped data (batches 0, 1, ... of seed 0)."""
-    step = ts.compile_train_step(s)
-    corpus = data.load_corpus(s.cfg.data)
+    step = compile_train_step(s)
+    corpus = load_corpus(s.cfg.data)
     losses = []
     for k in range(steps):
-        batch = data.global_batch(corpus.train, 0, k, "train", s.cfg.train.batch_size,
-                                  s.cfg.model.seq_len, s.batch_sharding)
+        batch = global_batch(corpus.train, 0, k, "train", s.cfg.train.batch_size,
+                             s.cfg.model.seq_len, s.batch_sharding)
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params)
@@ -68,7 +87,7 @@ def losses_and_params_after_steps(*overrides: str, steps: int = 3):
     """`train_steps` of `tiny_cfg(*overrides)` from seed 0; cached per worker (the one-device
     run serves many tests)."""
     s = layout(tiny_cfg(*overrides))
-    return train_steps(s, ts.init_state(s, seed=0), steps)
+    return train_steps(s, init_state(s, seed=0), steps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,6 +95,6 @@ def one_device_reference(*overrides: str):
     """(host params, host batch, loss, grads) of `tiny_cfg("mesh.data=1", *overrides)` at seed 0;
     cached per worker."""
     s = layout(tiny_cfg("mesh.data=1", *overrides))
-    params = jax.device_get(ts.init_state(s, seed=0).params)
+    params = jax.device_get(init_state(s, seed=0).params)
     batch = host_batch(s.cfg)
     return (params, batch, *loss_and_grads(s, params, batch))

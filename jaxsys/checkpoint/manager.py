@@ -1,0 +1,185 @@
+"""Orbax checkpoints of the `TrainState`: async, keep-last-K, atomic, restorable onto any mesh.
+
+Orbax writes each save into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a
+save interrupted midway is never seen as a checkpoint. Restoring takes a target tree of
+`jax.ShapeDtypeStruct`s carrying the *current* shardings, so a checkpoint written on one mesh
+(say fsdp=8) loads onto another (data=2 × fsdp=4, or one device).
+
+On top of Orbax: every finalised step gets an integrity manifest (`jaxsys.checkpoint.integrity`), written
+last; `select_resume_step` checks the newest steps against theirs and moves unusable ones
+(incomplete, truncated, bit-flipped) to `<run_dir>/rejected_checkpoints/`, so the previous good
+step is restored. `check_compatible` compares the checkpoint's own metadata with the model
+about to be restored (every parameter's path and shape) before any array is read. In a
+multi-process job, all processes call these functions; process 0 alone touches the files.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from jaxsys.checkpoint import integrity
+from jaxsys.config import CheckpointConfig, ConfigError
+from jaxsys.model.params import path_str
+
+REJECTED = "rejected_checkpoints"
+
+
+def make_manager(run_dir: str | Path, cfg: CheckpointConfig) -> ocp.CheckpointManager:
+    """A `CheckpointManager` over `<run_dir>/checkpoints`."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep,
+        enable_async_checkpointing=cfg.async_save,
+        create=True,
+        cleanup_tmp_directories=True,  # leftovers of saves killed midway (never restorable)
+    )
+    # The handler is named up front so `item_metadata` can read a step before any restore.
+    return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+    """Start saving `state` as `step` (returns before the write finishes when async)."""
+    manager.save(step, args=ocp.args.StandardSave(state))
+
+
+def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None) -> tuple[int, Any]:
+    """Restore `step` (default: the latest complete one) into the layout of `target`.
+
+    Returns (step, state). Raises FileNotFoundError when there is no checkpoint."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"No checkpoint in {manager.directory}.")
+    return step, manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def restore_params(manager: ocp.CheckpointManager, params_target: Any, step: int | None = None) -> tuple[int, Any]:
+    """Restore only what generation needs, the `params` of a saved train state, into the layout
+    of `params_target` (a tree of `jax.ShapeDtypeStruct` with shardings). The rest of the state
+    (step, optimizer moments) is read onto one device as the checkpoint's metadata describes
+    it, so no optimizer has to be built. Returns (step, params)."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"No checkpoint in {manager.directory}.")
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    meta = manager.item_metadata(step)
+    target = {k: jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), v)
+              for k, v in meta.items() if k != "params"}
+    target["params"] = params_target
+    return step, manager.restore(step, args=ocp.args.StandardRestore(target))["params"]
+
+
+def step_dirs(run_dir: str | Path) -> dict[int, Path]:
+    """The finalised step directories of `<run_dir>/checkpoints` (not Orbax's tmp dirs)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return {}
+    return {int(p.name): p for p in root.iterdir() if p.is_dir() and p.name.isdigit()}
+
+
+def write_missing_manifests(run_dir: str | Path) -> list[int]:
+    """Write the manifest of every finalised step lacking one; call only when no save is in
+    flight (after `wait_until_finished`, or when `is_saving_in_progress()` is False). Process 0
+    writes; returns the steps it wrote."""
+    if jax.process_index() != 0:
+        return []
+    written = []
+    for step, path in sorted(step_dirs(run_dir).items()):
+        if not integrity.has_manifest(path):
+            integrity.write_manifest(path)
+            written.append(step)
+    return written
+
+
+def sync(name: str) -> None:
+    """Barrier across processes (a no-op with one)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def reject(run_dir: str | Path, step: int, reason: str) -> Path:
+    """Move checkpoint `step` out of Orbax's sight to `<run_dir>/rejected_checkpoints/` (kept for
+    inspection, never deleted) with the reason beside it. Process 0 only."""
+    dest_root = Path(run_dir) / REJECTED
+    dest_root.mkdir(parents=True, exist_ok=True)
+    dest = dest_root / str(step)
+    n = 1
+    while dest.exists():
+        dest, n = dest_root / f"{step}.{n}", n + 1
+    shutil.move(str(Path(run_dir) / "checkpoints" / str(step)), dest)
+    (dest_root / f"{dest.name}.reason.txt").write_text(reason + "\n")
+    return dest
+
+
+def select_resume_step(run_dir: str | Path, log: Callable[[str], None] = print,
+                       below: int | None = None) -> tuple[int | None, list[str]]:
+    """The newest step (below `below`, if given) whose files match its manifest.
+
+    Each newer step that fails `integrity.verify` is reported through `log` (step, file, reason)
+    and moved to `<run_dir>/rejected_checkpoints/`. Returns (step or None, the reports). All
+    processes must call it; process 0 checks and moves, the others wait and then read."""
+    reports: list[str] = []
+    if jax.process_index() == 0:
+        for step, path in sorted(step_dirs(run_dir).items(), reverse=True):
+            if below is not None and step >= below:
+                continue
+            try:
+                integrity.verify(path)
+                break
+            except integrity.CheckpointCorrupt as e:
+                dest = reject(run_dir, step, str(e))
+                reports.append(f"{e}. Moved to {dest}; trying the previous checkpoint.")
+                log(reports[-1])
+    sync("jaxsys_select_resume_step")
+    steps = [s for s in step_dirs(run_dir) if below is None or s < below]
+    return (max(steps) if steps else None), reports
+
+
+def check_compatible(manager: ocp.CheckpointManager, step: int, target: Any) -> None:
+    """Raise `ConfigError` naming the first parameter whose path or shape differs between the
+    checkpoint's metadata and `target` (read before any array, whatever config.json says)."""
+    saved = {path_str(p): tuple(m.shape)
+             for p, m in jax.tree_util.tree_flatten_with_path(manager.item_metadata(step))[0]}
+    wanted = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+    if not saved:
+        raise ConfigError(f"Checkpoint step {step} in {manager.directory} has no readable metadata; "
+                          "is it a jaxsys checkpoint? Use a new run_dir.")
+    where = f"Checkpoint step {step} in {manager.directory}"
+    # Parameters first: their optimizer moments repeat the same mismatch further down.
+    order = sorted(saved.keys() | wanted.keys(), key=lambda k: (not k.startswith("params."), k))
+    for key in order:
+        if key not in saved:
+            raise ConfigError(f"{where} has no parameter {key!r} (this model has shape {wanted[key]}); "
+                              "it was saved by a different model. Use a new run_dir or the same model config.")
+        if key not in wanted:
+            raise ConfigError(f"{where} has parameter {key!r} of shape {saved[key]} that this model "
+                              "lacks; it was saved by a different model. Use a new run_dir or the same model config.")
+        if saved[key] != wanted[key]:
+            raise ConfigError(f"{where}: parameter {key!r} has shape {saved[key]} in the checkpoint but "
+                              f"{wanted[key]} in this model. Use a new run_dir or the same model config.")
+
+
+def state_bytes(abstract_state: Any) -> int:
+    """Bytes of a tree of `ShapeDtypeStruct`s (the size of one checkpoint, before metadata)."""
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(abstract_state))
+
+
+def check_free_space(run_dir: str | Path, one_checkpoint_bytes: int, keep: int) -> None:
+    """Raise `ConfigError` before training when `run_dir`'s disk cannot hold the checkpoints:
+    Orbax writes a new step before deleting the oldest, so up to `keep + 1` exist at once."""
+    existing = len(step_dirs(run_dir))
+    needed = max(1, keep + 1 - existing) * one_checkpoint_bytes
+    free = shutil.disk_usage(Path(run_dir)).free
+    if free < needed:
+        mb = 1 / 2**20
+        raise ConfigError(
+            f"run_dir={str(run_dir)!r} has {free * mb:,.1f} MiB free, but checkpoints need about "
+            f"{needed * mb:,.1f} MiB ({one_checkpoint_bytes * mb:,.1f} MiB each, checkpoint.keep={keep}, "
+            "one more while saving). Free some space, choose another run_dir, or lower checkpoint.keep."
+        )

@@ -1,0 +1,202 @@
+"""The configuration schema: one `Config` made of small typed, frozen dataclasses.
+
+Presets (`jaxsys.config.presets`) are plain functions returning a `Config`; the command line
+changes it with dotted overrides (`jaxsys.config.overrides`) such as ``mesh.fsdp=4
+train.steps=500 run_dir=runs/x``; `jaxsys.config.checks.validate` rejects, without devices,
+shapes that cannot work. Fields whose 0 means "derive it" (`num_kv_heads`, `head_dim`,
+`mlp_dim`) are read through `ModelConfig.resolved()`, which fills them in under the same names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the key and a fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer shape and numerics.
+
+    `family` picks the architecture: ``gpt2`` (learned positions, LayerNorm, GELU MLP, biases,
+    tied embeddings) or ``llama`` (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head).
+    """
+
+    family: Literal["gpt2", "llama"] = "gpt2"
+    vocab_size: int = 256
+    seq_len: int = 128  # context length in tokens; also the size of the learned position table
+    num_layers: int = 4
+    embed_dim: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0 = same as num_heads (multi-head attention)
+    head_dim: int = 0  # 0 = embed_dim // num_heads
+    mlp_dim: int = 0  # 0 = 4 * embed_dim (gpt2) or the Llama 8/3 rule rounded to 64 (llama)
+    dropout: float = 0.0
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    attention: Literal["xla", "cudnn", "pallas"] = "xla"
+    scan_layers: bool = True
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def resolved(self) -> "ModelConfig":
+        """This config with every derived size filled in under its own name: `num_kv_heads`
+        (0 -> num_heads), `head_dim` (0 -> embed_dim // num_heads), `mlp_dim` (0 -> 4·D for
+        gpt2, the Llama 8/3·D rule rounded up to 64 for llama). Idempotent."""
+        if self.mlp_dim:
+            mlp = self.mlp_dim
+        elif self.family == "gpt2":
+            mlp = 4 * self.embed_dim
+        else:
+            mlp = 64 * -(-int(8 * self.embed_dim / 3) // 64)
+        return dataclasses.replace(self, num_kv_heads=self.num_kv_heads or self.num_heads,
+                                   head_dim=self.head_dim or self.embed_dim // self.num_heads,
+                                   mlp_dim=mlp)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; their product must equal the device count. -1 = the rest."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    pipe: int = 1
+    # What the `fsdp` axis (the ZeRO axis) shards: 0 nothing (plain data parallel), 1 the AdamW
+    # moments, 2 + gradients, 3 + parameters (FSDP). `data` always replicates.
+    zero_stage: int = 3
+    # Megatron sequence parallelism: norms/residual/dropout regions split along the sequence
+    # over `tensor` (all-gather + reduce-scatter instead of all-reduce).
+    sequence_parallel: bool = False
+    # Who writes the gradient collectives of data × fsdp: "explicit" (jaxsys.parallel.zero: a
+    # shard_map over the batch axes with the ZeRO stage's reduce-scatter / all-reduce) or "xla"
+    # (sharding constraints only; the partitioner and the backend's passes decide).
+    grad_sync: Literal["explicit", "xla"] = "explicit"
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW (Optax). `lr` is the peak learning rate of the schedule."""
+
+    lr: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False  # norms and biases are never decayed
+    grad_clip: float = 1.0  # global-norm clipping threshold; 0 disables
+
+
+@dataclass(frozen=True)
+class LRScheduleConfig:
+    """Learning-rate schedule, in optimizer steps.
+
+    kinds: constant, linear (warmup then linear decay to `min_lr_ratio`·lr), cosine (warmup
+    then cosine), wsd (warmup, stable, then linear decay over the last `decay_fraction` of
+    the run), exponential (warmup then ×`decay_rate` every `transition_steps`), step (×`step_factor`
+    at each of `step_boundaries`).
+    """
+
+    kind: Literal["constant", "linear", "cosine", "wsd", "exponential", "step"] = "cosine"
+    warmup_steps: int = 100
+    decay_steps: int = 0  # 0 = train.steps
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    decay_rate: float = 0.5
+    transition_steps: int = 1000
+    step_boundaries: tuple[int, ...] = ()
+    step_factor: float = 0.1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training text. `source` is ``shakespeare`` (shipped), a text file, or a ``.bin`` file of
+    uint16 tokens (memory-mapped). The last `val_fraction` of the tokens is held out."""
+
+    source: str = "shakespeare"
+    tokenizer: Literal["byte", "char"] = "byte"
+    val_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Loop settings. `batch_size` is the global batch in sequences per optimizer step; it is
+    split into `grad_accum` microbatches whose gradients are accumulated inside one step (the
+    same update as the full batch)."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    seed: int = 0
+    eval_every: int = 250
+    eval_batches: int = 20
+    log_every: int = 10
+    # A step whose loss or gradients are not finite is skipped (no update, counted in the
+    # metrics as `skipped`); this many skips in a row stop the run.
+    max_consecutive_skips: int = 5
+    # After max_consecutive_skips: "stop" the run, or "rollback": restore the last checkpoint
+    # from before the bad steps and continue with the data *after* them (at most max_rollbacks
+    # times per run_dir, logged in <run_dir>/rollbacks.json).
+    on_nan: Literal["stop", "rollback"] = "stop"
+    max_rollbacks: int = 3
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """Fault injection, for tests and drills of the NaN handling; empty in every preset."""
+
+    nan_steps: tuple[int, ...] = ()  # these steps' loss and gradients are poisoned with NaN
+    # These train batches (by data index) hold out-of-range token ids, which the embedding
+    # lookup turns into NaN (mesh.tensor=1 only: the vocab-parallel lookup zeroes them).
+    nan_batches: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Pipeline parallelism over `mesh.pipe` stages (used when mesh.pipe > 1; needs
+    model.scan_layers). Each step's batch (per `train.grad_accum` accumulation microbatch) is split
+    into `microbatches` pipeline microbatches of equal size; `virtual_stages` layer chunks per
+    device (v ≥ 2 only with the interleaved schedule)."""
+
+    schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"] = "1f1b"
+    microbatches: int = 0  # 0 = mesh.pipe (the fewest 1F1B accepts)
+    virtual_stages: int = 1
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints in `<run_dir>/checkpoints`; every 0 disables saving."""
+
+    every: int = 500
+    keep: int = 3
+    async_save: bool = True
+    resume: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    progress: bool = True
+    sample_tokens: int = 200  # generated after training; 0 disables
+    sample_prompt: str = "ROMEO:"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    run_dir: str = "runs/default"
+    preset: str = ""

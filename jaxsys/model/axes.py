@@ -1,0 +1,40 @@
+"""The one glossary of dimension letters, and the logical axis names the model uses.
+
+Shapes are written in variable names (`x_BTD`: batch × sequence × embed); lower-case letters
+are the per-device or per-block share of a dimension (`b` rows of one microbatch on one
+device). Every module of jaxsys, the Pallas kernels included, uses these letters and no other
+meaning for them.
+
+    B  batch (sequences)                 b  rows of one microbatch on one device
+    T  sequence (query positions)        S  key/value positions (= T in self-attention)
+    D  embed (model width)               E  head size (`model.head_dim`)
+    H  query heads                       K  key/value heads (`model.num_kv_heads`)
+    G  query heads per K/V head (H / K)  F  MLP hidden (`model.mlp_dim`)
+    V  vocabulary                        L  layers
+    J  pieces fused into one matmul (G + 2 for Q, K, V; 2 for SwiGLU's gate and up)
+    A  gradient-accumulation microbatches per optimizer step (`train.grad_accum`)
+    M  pipeline microbatches (`pipeline.microbatches`)
+    P  pipeline stages (`mesh.pipe`)     C  layer chunks per stage (`pipeline.virtual_stages`)
+    N  pipeline schedule ticks           Z  pipeline stash slots
+
+Logical axes (names, not letters) are what parameters and activations are annotated with;
+`jaxsys.parallel.rules` maps them onto mesh axes, and model code never names a mesh axis:
+
+    batch, seq, embed, heads, kv_heads, head_dim, mlp, vocab, layers, residual_seq
+
+`residual_seq` is the sequence axis of the residual stream, kept apart from attention's `seq`
+so that sequence parallelism can split the one over `tensor` while the other stays whole.
+"""
+
+from __future__ import annotations
+
+Axes = tuple[str | None, ...]
+
+# Activations.
+ACT_BTD: Axes = ("batch", "residual_seq", "embed")  # the residual stream
+IN_BTD: Axes = ("batch", "seq", "embed")  # the input of a column-parallel matmul
+Q_BTHE: Axes = ("batch", "seq", "heads", "head_dim")
+KV_BTKE: Axes = ("batch", "seq", "kv_heads", "head_dim")
+H_BTF: Axes = ("batch", "seq", "mlp")
+LOGITS_BTV: Axes = ("batch", "seq", "vocab")
+TOKENS_BT: Axes = ("batch", "seq")

@@ -1,0 +1,171 @@
+"""The layers of the transformer: norm, RoPE, attention, MLP and the pre-norm block.
+
+Two families by `ModelConfig.family`:
+  gpt2  — LayerNorm, GELU MLP, biases;
+  llama — RMSNorm, RoPE, SwiGLU MLP, grouped-query attention, no biases.
+
+Shapes (`jaxsys.model.axes`): B batch, T sequence, D embed, H query heads, K key/value heads,
+G = H / K, E head size, F MLP hidden.
+
+Every parameter is created with logical axis names (`nn.with_logical_partitioning`) and reaches
+compute through the `use_weight` hook; activations pass through `constrain`, matmuls that
+tensor parallelism splits through `column_matmul` / `row_matmul` (`jaxsys.model.hooks`).
+Nothing here names a mesh axis or a parallel strategy. Parameters are stored in
+`param_dtype`; matmuls run in `compute_dtype`; norms, softmax and the logits are float32.
+Each module expects a `resolved()` config (the `Transformer` passes one).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxsys.config import ModelConfig
+from jaxsys.model import hooks
+from jaxsys.model.axes import ACT_BTD, H_BTF, KV_BTKE, Q_BTHE
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a block: recompute it all in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
+           std: float | None, dtype: Any) -> jax.Array:
+    """A parameter with logical axes, at its point of use (`hooks.use_weight`); std=None means
+    ones, std=0 zeros, else normal(0, std)."""
+    if std is None:
+        init = nn.initializers.ones
+    elif std == 0.0:
+        init = nn.initializers.zeros
+    else:
+        init = nn.initializers.normal(std)
+    w = module.param(name, nn.with_logical_partitioning(init, axes), hooks.stored_shape(shape, axes), dtype)
+    return hooks.use_weight(w, axes)
+
+
+class Norm(nn.Module):
+    """LayerNorm (gpt2, with bias) or RMSNorm (llama) over the embed axis, in float32."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.param_dtype)
+        x = x_BTD.astype(jnp.float32)
+        scale_D = param(self, "scale", (cfg.embed_dim,), ("embed",), None, dtype)
+        if cfg.family == "gpt2":  # LayerNorm: centre, then scale like RMSNorm, then shift
+            x = x - x.mean(-1, keepdims=True)
+        y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + cfg.norm_eps) * scale_D
+        if cfg.family == "gpt2":
+            y = y + param(self, "bias", (cfg.embed_dim,), ("embed",), 0.0, dtype)
+        return y.astype(cfg.compute_dtype)
+
+
+def rope(x_BTHE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (rotate-half form), computed in float32."""
+    E = x_BTHE.shape[-1]
+    freqs_E2 = theta ** (-jnp.arange(0, E, 2, dtype=jnp.float32) / E)
+    angles_BTE2 = positions_BT[..., None].astype(jnp.float32) * freqs_E2
+    sin, cos = jnp.sin(angles_BTE2)[:, :, None, :], jnp.cos(angles_BTE2)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTHE.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTHE.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        D, H, K, E = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
+        out_std = 0.02 / math.sqrt(2 * cfg.num_layers)  # GPT-2: scale residual projections
+        wq_DHE = param(self, "wq", (D, H, E), ("embed", "heads", "head_dim"), 0.02, pdt)
+        wk_DKE = param(self, "wk", (D, K, E), ("embed", "kv_heads", "head_dim"), 0.02, pdt)
+        wv_DKE = param(self, "wv", (D, K, E), ("embed", "kv_heads", "head_dim"), 0.02, pdt)
+        wo_HED = param(self, "wo", (H, E, D), ("heads", "head_dim", "embed"), out_std, pdt)
+
+        # One fused QKV matmul (as Megatron): under tensor parallelism its backward all-reduces
+        # one dx, where three separate matmuls would all-reduce three. G query heads per KV head.
+        B, T, G = x_BTD.shape[0], x_BTD.shape[1], H // K
+        w_DKJE = jnp.concatenate([wq_DHE.reshape(D, K, G, E), wk_DKE[:, :, None], wv_DKE[:, :, None]], 2)
+        qkv_BTKJE = hooks.column_matmul("btd,dkje->btkje", x_BTD, w_DKJE.astype(cdt),  # SP: all-gather T
+                                    ("embed", "kv_heads", None, "head_dim"),
+                                    ("batch", "seq", "kv_heads", None, "head_dim"))
+        q_BTHE = qkv_BTKJE[:, :, :, :G].reshape(B, T, H, E)
+        k_BTKE, v_BTKE = qkv_BTKJE[:, :, :, G], qkv_BTKJE[:, :, :, G + 1]
+        if cfg.family == "gpt2":
+            q_BTHE += param(self, "bq", (H, E), ("heads", "head_dim"), 0.0, pdt).astype(cdt)
+            k_BTKE += param(self, "bk", (K, E), ("kv_heads", "head_dim"), 0.0, pdt).astype(cdt)
+            v_BTKE += param(self, "bv", (K, E), ("kv_heads", "head_dim"), 0.0, pdt).astype(cdt)
+        else:
+            q_BTHE = rope(q_BTHE, positions_BT, cfg.rope_theta)
+            k_BTKE = rope(k_BTKE, positions_BT, cfg.rope_theta)
+        q_BTHE = hooks.constrain(q_BTHE, Q_BTHE)
+        k_BTKE = hooks.constrain(k_BTKE, KV_BTKE)
+        v_BTKE = hooks.constrain(v_BTKE, KV_BTKE)
+
+        o_BTHE = hooks.attention(q_BTHE, k_BTKE, v_BTKE, impl=cfg.attention, causal=True)
+        o_BTHE = hooks.constrain(o_BTHE, Q_BTHE)
+        # Row-parallel: all-reduce of the partial sums into the residual (SP: reduce-scatter).
+        y_BTD = hooks.row_matmul("bthe,hed->btd", o_BTHE, wo_HED.astype(cdt),
+                             Q_BTHE, ("heads", "head_dim", "embed"), ACT_BTD)
+        if cfg.family == "gpt2":
+            y_BTD += param(self, "bo", (D,), ("embed",), 0.0, pdt).astype(cdt)
+        return y_BTD
+
+
+class Mlp(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        D, F = cfg.embed_dim, cfg.mlp_dim
+        pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
+        out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+        if cfg.family == "gpt2":
+            wi_DF = param(self, "wi", (D, F), ("embed", "mlp"), 0.02, pdt)
+            bi_F = param(self, "bi", (F,), ("mlp",), 0.0, pdt)
+            h_BTF = hooks.column_matmul("btd,df->btf", x_BTD, wi_DF.astype(cdt), ("embed", "mlp"),
+                                    ("batch", "seq", "mlp")) + bi_F.astype(cdt)
+            h_BTF = jax.nn.gelu(h_BTF, approximate=True)
+        else:
+            wg_DF = param(self, "wi_gate", (D, F), ("embed", "mlp"), 0.02, pdt)
+            wu_DF = param(self, "wi_up", (D, F), ("embed", "mlp"), 0.02, pdt)
+            # Fused gate/up matmul: one all-reduce of dx in the backward under TP, not two.
+            gu_BTJF = hooks.column_matmul("btd,djf->btjf", x_BTD, jnp.stack([wg_DF, wu_DF], 1).astype(cdt),
+                                      ("embed", None, "mlp"), ("batch", "seq", None, "mlp"))
+            gate_BTF, up_BTF = gu_BTJF[:, :, 0], gu_BTJF[:, :, 1]
+            h_BTF = jax.nn.silu(gate_BTF) * up_BTF
+        h_BTF = hooks.constrain(h_BTF, H_BTF)
+        wo_FD = param(self, "wo", (F, D), ("mlp", "embed"), out_std, pdt)
+        y_BTD = hooks.row_matmul("btf,fd->btd", h_BTF, wo_FD.astype(cdt), ("batch", "seq", "mlp"),
+                             ("mlp", "embed"), ACT_BTD)  # all-reduce (SP: reduce-scatter)
+        if cfg.family == "gpt2":
+            y_BTD += param(self, "bo", (D,), ("embed",), 0.0, pdt).astype(cdt)
+        return y_BTD
+
+
+class Block(nn.Module):
+    """Pre-norm residual block. `__call__(carry, _)` has the signature `nn.scan` expects."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, None]:
+        cfg = self.cfg
+        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        h_BTD = Attention(cfg, name="attn")(Norm(cfg, name="ln_attn")(x_BTD), positions_BT)
+        x_BTD = hooks.constrain(x_BTD + drop(h_BTD), ACT_BTD)
+        h_BTD = Mlp(cfg, name="mlp")(Norm(cfg, name="ln_mlp")(x_BTD))
+        x_BTD = hooks.constrain(x_BTD + drop(h_BTD), ACT_BTD)
+        return x_BTD, None

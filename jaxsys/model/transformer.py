@@ -1,0 +1,141 @@
+"""The decoder-only transformer: its parameters and its one forward pass, embed -> blocks -> head.
+
+`Transformer(cfg).apply({"params": p}, tokens_BT) -> logits_BTV` (float32) is a pure function of
+the parameter pytree `p` (a nested dict of arrays). The three stages of the forward pass are
+methods, so a pipeline stage runs exactly the model's code on part of the tree:
+
+    model.apply({"params": p}, tokens_BT, method="embed")          -> x_BTD
+    model.apply({"params": p}, x_BTD, method="blocks")             -> x_BTD (all layers)
+    model.apply({"params": p}, x_BTD, method="head")               -> logits_BTV
+    block_fn(cfg)(layer_params, x_BTD, positions_BT)               -> x_BTD (one layer, with remat)
+
+Families (`model.family`): gpt2 has a learned position table and ties the output head to the
+token embedding; llama uses RoPE (inside attention) and a separate head matrix. With
+`model.scan_layers` the layers are one `nn.scan` over parameters stacked on a leading `layers`
+axis (compile time flat in depth), else `layer_0`, `layer_1`, ...
+
+Shapes (`jaxsys.model.axes`): B batch, T sequence, D embed, V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxsys.config import ModelConfig
+from jaxsys.model import hooks
+from jaxsys.model.axes import ACT_BTD, LOGITS_BTV
+from jaxsys.model.layers import REMAT_POLICIES, Block, Norm
+
+_EMBED_VD = ("vocab", "embed")
+
+
+def _declare(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
+             dtype: Any) -> jax.Array:
+    """A normal(0, 0.02) parameter with logical axes, as stored (see `hooks.stored_shape`)."""
+    init = nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
+    return module.param(name, init, hooks.stored_shape(shape, axes), dtype)
+
+
+class Transformer(nn.Module):
+    """Token ids [B, T] -> float32 logits [B, T, V]; see the module docstring for the stages."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    def setup(self) -> None:
+        c = self.cfg.resolved()
+        self.c = c
+        pdt = jnp.dtype(c.param_dtype)
+        self.embed_VD = _declare(self, "embed", (c.vocab_size, c.embed_dim), _EMBED_VD, pdt)
+        if c.family == "gpt2":
+            self.pos_TD = _declare(self, "pos_embed", (c.seq_len, c.embed_dim), (None, "embed"), pdt)
+        # Dropout of the embedding's output; named as Flax names an inline module, which keeps
+        # the dropout key stream (and so the masks) of earlier versions.
+        self.Dropout_0 = nn.Dropout(c.dropout, deterministic=self.deterministic)
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                            in_axes=nn.broadcast, length=c.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            self.layers = stack(c, self.deterministic)
+        else:
+            self.layer = [block(c, self.deterministic) for _ in range(c.num_layers)]  # layer_0, ...
+        self.ln_final = Norm(c)
+        if c.family != "gpt2":
+            self.head_DV = _declare(self, "head", (c.embed_dim, c.vocab_size), ("embed", "vocab"), pdt)
+
+    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        embed_VD = hooks.use_weight(self.embed_VD, _EMBED_VD)  # used twice when tied: fetched once
+        return self.head(self.blocks(self.embed(tokens_BT, embed_VD)), embed_VD)
+
+    def embed(self, tokens_BT: jax.Array, embed_VD: jax.Array | None = None) -> jax.Array:
+        """Token (+ learned position, gpt2) embedding with dropout: [B, T] -> [B, T, D] in
+        `compute_dtype`. `embed_VD` is the table at its point of use, if already fetched."""
+        c = self.c
+        T = tokens_BT.shape[1]
+        if T > c.seq_len:
+            raise ValueError(f"Input length {T} exceeds model.seq_len={c.seq_len}.")
+        if embed_VD is None:
+            embed_VD = hooks.use_weight(self.embed_VD, _EMBED_VD)
+        pos_TD = hooks.use_weight(self.pos_TD, (None, "embed")) if c.family == "gpt2" else None
+        x_BTD = hooks.embed_lookup(embed_VD, tokens_BT, ACT_BTD).astype(c.compute_dtype)
+        if pos_TD is not None:
+            x_BTD = x_BTD + pos_TD[:T].astype(c.compute_dtype)
+        return hooks.constrain(self.Dropout_0(x_BTD), ACT_BTD)
+
+    def blocks(self, x_BTD: jax.Array) -> jax.Array:
+        """Every layer in order: [B, T, D] -> [B, T, D]."""
+        B, T = x_BTD.shape[:2]
+        positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+        if self.c.scan_layers:
+            return self.layers(x_BTD, positions_BT)[0]
+        for layer in self.layer:
+            x_BTD = layer(x_BTD, positions_BT)[0]
+        return x_BTD
+
+    def head(self, x_BTD: jax.Array, embed_VD: jax.Array | None = None) -> jax.Array:
+        """Final norm and output projection: [B, T, D] -> float32 [B, T, V]. The vocabulary-
+        parallel head (sequence parallel: all-gather along T first); the loss never gathers V."""
+        c = self.c
+        x_BTD = self.ln_final(x_BTD)
+        if c.family == "gpt2":  # tied: the output head is the input embedding
+            if embed_VD is None:
+                embed_VD = hooks.use_weight(self.embed_VD, _EMBED_VD)
+            head_DV = embed_VD.T
+        else:
+            head_DV = hooks.use_weight(self.head_DV, ("embed", "vocab"))
+        return hooks.column_matmul("btd,dv->btv", x_BTD, head_DV.astype(c.compute_dtype), ("embed", "vocab"),
+                                   LOGITS_BTV, preferred_element_type=jnp.float32)
+
+
+def block_fn(cfg: ModelConfig) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """One layer as a function `(layer_params, x_BTD, positions_BT) -> x_BTD`, without dropout and
+    with the model's remat policy: the body of the model's layer loop, for code that walks the
+    layers itself (a pipeline stage recomputing one layer at a time)."""
+    c = cfg.resolved()
+
+    def block(layer: Any, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        return Block(c).apply({"params": layer}, x_BTD, positions_BT)[0]
+
+    if c.remat != "none":
+        block = jax.checkpoint(block, policy=REMAT_POLICIES[c.remat])
+    return block
+
+
+def abstract_params(cfg: ModelConfig) -> tuple[Any, Any]:
+    """(tree of `jax.ShapeDtypeStruct`, matching tree of logical `PartitionSpec`s) of the
+    model's parameters, from `jax.eval_shape` of its initialiser: nothing is allocated."""
+    dummy = jax.ShapeDtypeStruct((1, cfg.seq_len), jnp.int32)
+    boxed = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), dummy)["params"]
+    return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Any:
+    """Freshly initialised parameters (a nested dict of arrays) for `cfg` from `key`."""
+    return nn.meta.unbox(Transformer(cfg).init(key, jnp.zeros((1, cfg.seq_len), jnp.int32))["params"])

@@ -1,0 +1,81 @@
+"""Parallel versions of the model's hooks, installed from outside the model.
+
+`parallelize(mesh, rules)` is the one switch between the single-device model and the model laid
+out on a mesh (as torchtitan's `parallelize` applies its strategies to a plain model): inside
+the block, every hook of `jaxsys.model.hooks` is the version for `mesh` under the activation
+`rules`:
+
+    constrain, use_weight   sharding constraints by `rules` (`manual.constrain_to`)
+    column_matmul, row_matmul, embed_lookup, cross_entropy
+                            Megatron tensor / sequence parallelism (`jaxsys.parallel.tensor`)
+    attention               the Pallas kernel under `shard_map` (GSPMD cannot split a pallas_call)
+    stored_shape            unchanged; `jaxsys.parallel.zero` swaps it (and use_weight) for the
+                            ZeRO-3 gather inside its manual region
+
+The pipeline executor traces its stages with the plain hooks (`hooks.installed(hooks.Hooks())`):
+inside its shard_map the layout follows from the inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import Iterator
+
+import jax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jaxsys.model import attention as attention_lib
+from jaxsys.model import hooks
+from jaxsys.parallel import tensor
+from jaxsys.parallel.manual import constrain_to, shard_map
+from jaxsys.parallel.rules import ACTIVATION_RULES, Rules, logical_to_spec
+
+
+def _dividing_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, rules: Rules) -> P:
+    """The rules' spec, with dimensions that do not divide over their mesh axes left whole
+    (e.g. the batch of 1 that initialisation traces with)."""
+    spec = logical_to_spec(logical, rules)
+    entries = []
+    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        entries.append(axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None)
+    return P(*entries)
+
+
+def sharded_attention(mesh: Mesh, rules: Rules, q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array,
+                      *, impl: str, causal: bool = True) -> jax.Array:
+    """`attention_lib.attention` on a mesh. XLA and cuDNN attention are partitioned by GSPMD;
+    the Pallas kernel runs inside `jax.shard_map`: batch split as the rules split `batch` (data
+    × fsdp), heads as they split `heads` / `kv_heads` (tensor), the whole sequence on every
+    device. Query head h of a shard still reads K/V head h // G of that shard, because heads are
+    split in contiguous blocks of whole groups."""
+    if impl != "pallas":
+        return attention_lib.attention(q_BTHE, k_BSKE, v_BSKE, impl=impl, causal=causal)
+    kernel = functools.partial(attention_lib.pallas_attention, causal=causal)
+    q_spec = _dividing_spec(("batch", None, "heads", "head_dim"), q_BTHE.shape, mesh, rules)
+    kv_spec = _dividing_spec(("batch", None, "kv_heads", "head_dim"), k_BSKE.shape, mesh, rules)
+    return shard_map(kernel, mesh, mesh.axis_names, in_specs=(q_spec, kv_spec, kv_spec),
+                     out_specs=q_spec, check_vma=False)(q_BTHE, k_BSKE, v_BSKE)
+
+
+def parallel_hooks(mesh: Mesh, rules: Rules = ACTIVATION_RULES) -> hooks.Hooks:
+    """The model's hooks for `mesh` under the activation `rules`."""
+    constrain = functools.partial(constrain_to, mesh, rules)
+    return hooks.Hooks(
+        constrain=constrain,
+        use_weight=constrain,  # stored by PARAM_RULES, used by the activation rules
+        column_matmul=functools.partial(tensor.column_parallel, mesh, rules),
+        row_matmul=functools.partial(tensor.row_parallel, mesh, rules),
+        embed_lookup=functools.partial(tensor.embed_lookup, mesh, rules),
+        attention=functools.partial(sharded_attention, mesh, rules),
+        cross_entropy=functools.partial(tensor.cross_entropy, mesh, rules),
+    )
+
+
+@contextlib.contextmanager
+def parallelize(mesh: Mesh, rules: Rules = ACTIVATION_RULES) -> Iterator[hooks.Hooks]:
+    """Trace the model laid out on `mesh` inside this block (see the module docstring)."""
+    with hooks.installed(parallel_hooks(mesh, rules)) as installed:
+        yield installed

@@ -1,0 +1,245 @@
+"""Pipeline parallelism on the `pipe` mesh axis: one executor for any schedule table.
+
+Shapes (`jaxsys.model.axes`): M pipeline microbatches, b rows per microbatch on one device,
+T sequence, D embed, L layers, P stages (`pipe`; `p` its size), C chunks per stage (virtual
+stages; `v` their count), Lc = L / (P·C) layers per chunk, Z stash slots, N ticks.
+
+A table from `schedules` becomes static per-tick integer arrays ([N, P]: op, microbatch, chunk,
+stash slots; `program.Program`). The executor runs inside `jax.shard_map`, manual over `pipe`
+and the batch axes (data, fsdp: each device runs its own rows and the gradients are psum'd over
+them at the end; `tensor` stays with XLA's partitioner, so it composes with all three), as ONE
+`lax.scan` over ticks (compile time flat in M). Each tick, each stage runs its op through
+`lax.switch` over the module-level op functions below (`_idle`, `_forward`, `_backward`,
+`_weights`), each in three roles (inner, first virtual stage, last virtual stage):
+
+- F: the chunk's layers on the microbatch (the first virtual stage embeds the tokens first; the
+  last computes head + loss). Each LAYER'S INPUT is kept, in a stash slot [Lc, b, T, D]:
+  layer-boundary checkpoints, like Megatron's full recompute.
+- B: back through the layers from the top, recomputing one layer at a time from its stashed
+  input with `jax.vjp`, and send the input cotangent to the previous stage.
+- W: the same pass with the weight gradients too (ZB-H1 schedules W separately; in the other
+  schedules a backward fills 2 ticks, run as B then W, so every tick of every table is executed
+  as written and the bubble can be counted from what ran).
+
+After the op, activations move to the next stage and cotangents to the previous one with
+`ppermute` (a ring, so interleaved chunks wrap from stage P−1 to stage 0). The workspace of one
+op is one layer's recompute, whatever Lc is. The stages run the model's own code: its `embed`
+and `head` methods and `block_fn` (`jaxsys.model.transformer`), with the plain hooks.
+
+Parameters keep the model's tree: stacked layers are split over `pipe` on the layers axis; the
+embedding, final norm and head are replicated over `pipe`, used on the first/last stage, and
+their gradients are summed over `pipe` at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jaxsys.config import Config, ConfigError
+from jaxsys.data.batches import split_microbatches
+from jaxsys.model import hooks
+from jaxsys.model.loss import mean_cross_entropy
+from jaxsys.model.transformer import Transformer, block_fn
+from jaxsys.parallel.manual import psum_live
+from jaxsys.parallel.mesh import DATA_AXES
+from jaxsys.parallel.pipeline.program import FWD, IDLE, Program
+
+_MID, _FIRST, _LAST = 0, 1, 2  # role of a virtual stage: inner, embeds the tokens, computes the loss
+_TABLES = ("op", "mb", "chunk", "x_slot", "g_slot", "recv_x", "recv_g")
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """What every op of one stage needs that is fixed at trace time."""
+
+    model: Transformer
+    block: Callable[[Any, jax.Array, jax.Array], jax.Array]  # one layer, with the model's remat
+    positions_bT: jax.Array
+    act: jax.ShapeDtypeStruct  # one microbatch's activation [b, T, D]
+    microbatches: int  # M: the loss is the mean over them
+
+    def zero_x(self) -> jax.Array:
+        return jnp.zeros(self.act.shape, self.act.dtype)
+
+
+def _zeros(tree: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.zeros_like, tree)
+
+
+def _embed(st: _Stage, sp: Any, tok_bT: jax.Array) -> jax.Array:
+    return st.model.apply({"params": sp}, tok_bT, method="embed")
+
+
+def _loss(st: _Stage, sp: Any, y_bTD: jax.Array, tgt_bT: jax.Array) -> jax.Array:
+    return mean_cross_entropy(st.model.apply({"params": sp}, y_bTD, method="head"), tgt_bT)
+
+
+def _forward_layers(st: _Stage, lp: Any, x_bTD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The chunk's Lc layers: (output [b, T, D], each layer's input [Lc, b, T, D])."""
+    return jax.lax.scan(lambda x, layer: (st.block(layer, x, st.positions_bT), x), x_bTD, lp)
+
+
+def _backward_layers(st: _Stage, lp: Any, inputs_LbTD: jax.Array, g_bTD: jax.Array,
+                     weights: bool) -> tuple[jax.Array, Any]:
+    """Cotangent at the chunk's output -> cotangent at its input (and the layer gradients,
+    stacked like `lp`, when `weights`), recomputing one layer at a time from its stashed input."""
+    def step(g, xs):
+        layer, x = xs
+        if weights:
+            dlayer, dx = jax.vjp(lambda l_, x_: st.block(l_, x_, st.positions_bT), layer, x)[1](g)
+            return dx, dlayer
+        return jax.vjp(lambda x_: st.block(layer, x_, st.positions_bT), x)[1](g)[0], None
+    return jax.lax.scan(step, g_bTD, (lp, inputs_LbTD), reverse=True)
+
+
+def _top_cotangent(st: _Stage, lp: Any, sp: Any, inputs_LbTD: jax.Array, tgt_bT: jax.Array) -> tuple[jax.Array, Any]:
+    """The last virtual stage: d(loss / M) at its output (its last layer recomputed), and the
+    final norm's and head's gradients."""
+    y_bTD = st.block(jax.tree_util.tree_map(lambda a: a[-1], lp), inputs_LbTD[-1], st.positions_bT)
+    _, vjp = jax.vjp(lambda y, sp_: _loss(st, sp_, y, tgt_bT), y_bTD, sp)
+    return vjp(jnp.asarray(1.0 / st.microbatches, jnp.float32))  # the loss is the mean over microbatches
+
+
+# Each op: (stage, role, lp, sp, stash entry [Lc, b, T, D], cotangent in, tokens, targets) ->
+# (activation out, cotangent out, stash entry out, layer grads, shared grads, loss).
+
+
+def _idle(st, role, lp, sp, entry, g, tok, tgt):
+    return st.zero_x(), st.zero_x(), entry, _zeros(lp), _zeros(sp), jnp.zeros((), jnp.float32)
+
+
+def _forward(st, role, lp, sp, entry, g, tok, tgt):
+    x = _embed(st, sp, tok) if role == _FIRST else entry[0]
+    y, inputs = _forward_layers(st, lp, x)  # the stash keeps every layer's input
+    if role == _LAST:
+        loss = _loss(st, sp, y, tgt).astype(jnp.float32)
+        return st.zero_x(), st.zero_x(), inputs, _zeros(lp), _zeros(sp), loss
+    return y, st.zero_x(), inputs, _zeros(lp), _zeros(sp), jnp.zeros((), jnp.float32)
+
+
+def _backward(st, role, lp, sp, entry, g, tok, tgt):
+    if role == _FIRST:  # tokens have no cotangent: all of its work is in W
+        return _idle(st, role, lp, sp, entry, g, tok, tgt)
+    g_top = _top_cotangent(st, lp, sp, entry, tgt)[0] if role == _LAST else g
+    dx, _ = _backward_layers(st, lp, entry, g_top, weights=False)
+    return st.zero_x(), dx, entry, _zeros(lp), _zeros(sp), jnp.zeros((), jnp.float32)
+
+
+def _weights(st, role, lp, sp, entry, g, tok, tgt):
+    g_top, dsp = _top_cotangent(st, lp, sp, entry, tgt) if role == _LAST else (g, _zeros(sp))
+    dx, dlp = _backward_layers(st, lp, entry, g_top, weights=True)
+    if role == _FIRST:  # the embedding's gradient, from the cotangent at layer 0
+        dsp = jax.vjp(lambda sp_: _embed(st, sp_, tok), sp)[1](dx)[0]
+    return st.zero_x(), st.zero_x(), entry, dlp, dsp, jnp.zeros((), jnp.float32)
+
+
+def _branches(st: _Stage) -> list[Callable]:
+    """`lax.switch` branches: idle, then F, B, W (op codes 1-3) × roles (inner, first, last)."""
+    def bind(op, role):
+        return lambda *args: op(st, role, *args)
+    return [bind(_idle, _MID)] + [bind(op, r) for op in (_forward, _backward, _weights)
+                                  for r in (_MID, _FIRST, _LAST)]
+
+
+def _run_stage(st: _Stage, prog: Program, layers: Any, shared: Any, tokens_MbT: jax.Array,
+               targets_MbT: jax.Array) -> tuple[jax.Array, Any, Any, jax.Array]:
+    """One stage's whole schedule (inside the shard_map): (loss sum, layer grads [v, Lc, ...],
+    shared grads, executed ops [N]), all in float32 and unreduced over devices."""
+    p, v = prog.schedule.stages, prog.schedule.chunks
+    last_vs = p * v - 1
+    s = jax.lax.axis_index("pipe")
+    layers = jax.tree_util.tree_map(lambda a: a.reshape(v, -1, *a.shape[1:]), layers)
+    f32 = lambda tree: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, jnp.float32), tree)  # noqa: E731
+    branches = _branches(st)
+
+    def tick(carry, row):
+        xbuf, gbuf, x_in, g_in, dlayers, dshared, loss = carry
+        op, mb, c, xs, gs, rx, rg = (a[s] for a in row)
+        # An arriving activation is the input of the chunk's first layer.
+        xbuf = jax.lax.dynamic_update_slice(xbuf, x_in[None, None], (rx, 0, 0, 0, 0))
+        gbuf = jax.lax.dynamic_update_index_in_dim(gbuf, g_in, rg, 0)
+        vs = c * p + s
+        role = jnp.where(vs == 0, _FIRST, jnp.where(vs == last_vs, _LAST, _MID))
+        branch = jnp.where(op == IDLE, 0, 1 + 3 * (op - FWD) + role)
+        lp = jax.tree_util.tree_map(lambda a: a[c], layers)
+        x_out, g_out, entry, dlp, dsp, dloss = jax.lax.switch(
+            branch, branches, lp, shared, xbuf[xs], gbuf[gs], tokens_MbT[mb], targets_MbT[mb])
+        xbuf = jax.lax.dynamic_update_index_in_dim(xbuf, entry, xs, 0)  # F wrote its layers' inputs
+        dlayers = jax.tree_util.tree_map(lambda a, d: a.at[c].add(d.astype(jnp.float32)), dlayers, dlp)
+        dshared = jax.tree_util.tree_map(lambda a, d: a + d.astype(jnp.float32), dshared, dsp)
+        x_next = jax.lax.ppermute(x_out, "pipe", [(i, (i + 1) % p) for i in range(p)])
+        g_prev = jax.lax.ppermute(g_out, "pipe", [(i, (i - 1) % p) for i in range(p)])
+        return (xbuf, gbuf, x_next, g_prev, dlayers, dshared, loss + dloss), op
+
+    Lc = jax.tree_util.tree_leaves(layers)[0].shape[1]  # layers per chunk
+    carry = (jnp.zeros((prog.x_slots + 1, Lc, *st.act.shape), st.act.dtype),
+             jnp.zeros((prog.g_slots + 1, *st.act.shape), st.act.dtype), st.zero_x(), st.zero_x(),
+             f32(layers), f32(shared), jnp.zeros((), jnp.float32))
+    tables = tuple(jnp.asarray(getattr(prog, k)) for k in _TABLES)
+    (_, _, _, _, dlayers, dshared, loss), ops_N = jax.lax.scan(tick, carry, tables)
+    return loss, dlayers, dshared, ops_N
+
+
+def _layers_to_stages(a: jax.Array, p: int, v: int) -> jax.Array:
+    """[L, ...] natural order -> order where stage s's rows are its chunks c·p+s, c < v."""
+    return a.reshape(v, p, -1, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+
+
+def _stages_to_layers(a: jax.Array, p: int, v: int) -> jax.Array:
+    return a.reshape(p, v, -1, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+
+
+def pipeline_grads(cfg: Config, mesh: Mesh, prog: Program, params: Any,
+                   batch: dict[str, jax.Array]) -> tuple[jax.Array, Any, jax.Array]:
+    """Mean loss over the batch, gradients (same tree as `params`) and the executed ops.
+
+    `batch` holds int32 [B, T] `inputs` and `targets`; B is split into the schedule's M
+    microbatches. Returns (loss, grads, ops_NP) where ops_NP[t, s] is the op code
+    (IDLE/FWD/BWD/WGT) that stage s executed at tick t. Call inside `jax.jit`; the layout was
+    checked by `jaxsys.parallel.layout.check_layout`."""
+    mc = cfg.model.resolved()
+    sched = prog.schedule
+    p, v, m = sched.stages, sched.chunks, sched.microbatches
+    sizes = dict(mesh.shape)
+    if sizes["pipe"] != p:
+        raise ConfigError(f"The schedule has {p} stages but mesh.pipe={sizes['pipe']}.")
+    layers = jax.tree_util.tree_map(lambda a: _layers_to_stages(a, p, v), params["layers"])
+    shared = {k: x for k, x in params.items() if k != "layers"}
+    tokens_MbT = split_microbatches(batch["inputs"], m)
+    targets_MbT = split_microbatches(batch["targets"], m)
+    ways = sizes["data"] * sizes["fsdp"]
+    b, T = tokens_MbT.shape[1] // ways, tokens_MbT.shape[2]  # rows per device per microbatch
+    st = _Stage(model=Transformer(mc), block=block_fn(mc),
+                positions_bT=jnp.broadcast_to(jnp.arange(T), (b, T)),
+                act=jax.ShapeDtypeStruct((b, T, mc.embed_dim), jnp.dtype(mc.compute_dtype)),
+                microbatches=m)
+
+    def local(layers, shared, tokens_MbT, targets_MbT):
+        loss, dlayers, dshared, ops_N = _run_stage(st, prog, layers, shared, tokens_MbT, targets_MbT)
+        # Each data replica holds the gradients of its own rows' mean loss: average them.
+        dlayers = jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), dlayers)
+        dlayers = psum_live(dlayers, DATA_AXES, sizes)
+        dshared = psum_live(dshared, ("pipe", *DATA_AXES), sizes)
+        scale = lambda tree: jax.tree_util.tree_map(lambda a: a / ways, tree)  # noqa: E731
+        loss = psum_live(loss, ("pipe", *DATA_AXES), sizes) / (m * ways)
+        return loss, scale(dlayers), scale(dshared), ops_N[:, None]
+
+    # Manual over pipe AND the batch axes; only `tensor` is left to XLA's partitioner. With the
+    # batch axes automatic too, XLA 0.10's SPMD partitioner aborted the process (a CHECK in
+    # spmd_partitioner_util) on data × pipe × tensor. Parameters enter whole over data × fsdp
+    # (ZeRO-3 shards are gathered on entry, once per train.grad_accum microbatch) and the
+    # gradient sum over the batch axes is an explicit psum. The stages trace with the plain hooks.
+    with hooks.installed(hooks.Hooks()):
+        run = jax.shard_map(local, mesh=mesh, axis_names={"pipe", *DATA_AXES}, check_vma=False,
+                            in_specs=(P("pipe"), P(), P(None, DATA_AXES), P(None, DATA_AXES)),
+                            out_specs=(P(), P("pipe"), P(), P(None, "pipe")))
+        loss, dlayers, dshared, ops_NP = run(layers, shared, tokens_MbT, targets_MbT)
+    grads = dict(dshared)
+    grads["layers"] = jax.tree_util.tree_map(lambda a: _stages_to_layers(a, p, v), dlayers)
+    grads = jax.tree_util.tree_map(lambda g, x: g.astype(x.dtype), grads, dict(params))
+    return loss, grads, ops_NP

@@ -1,0 +1,186 @@
+"""Data parallelism and ZeRO 0–3 with the gradient collectives written out (`mesh.grad_sync=explicit`).
+
+Left to XLA's SPMD partitioner, the gradient sync of a batch-split step is whatever the
+partitioner and the backend's passes make of it. On XLA:CPU (measured, docs/benchmarks.md) that
+is an all-reduce of every gradient, also where ZeRO wants a reduce-scatter (XLA:GPU has a pass
+that rewrites all-reduce + slice into a reduce-scatter; XLA:CPU has none), and the tied
+embedding's two gradient contributions (lookup and output head) are all-reduced separately.
+
+Here the loss and gradients of a step run inside `jax.shard_map`, manual over the batch axes
+(data, fsdp; `tensor` stays with XLA, and `jaxsys.parallel.tensor`'s own shard_maps nest inside), each
+device on its own rows, and the sync is the ZeRO paper's, stage by stage (`mesh.zero_stage`):
+
+- 0: all-reduce every gradient over data × fsdp (one all-reduce over both axes), once per
+  step, after accumulation.
+- 1: accumulate the full local gradients over the step's microbatches, then reduce-scatter them
+  over fsdp (each device keeps the slice its AdamW moments cover) and all-reduce the slice over
+  data. XLA all-gathers the updated parameters after the sharded AdamW update.
+- 2: reduce-scatter each microbatch's gradients over fsdp as soon as they exist (only a 1/fsdp
+  accumulator lives); all-reduce the slices over data at the end.
+- 3: parameters arrive split over fsdp (the model's `stored_shape` hook says so) and the
+  `use_weight` hook all-gathers each where it is used (`gathering_weights`); the transpose of
+  that all-gather is the reduce-scatter of its gradient (per layer, per microbatch). All-reduce
+  over data at the end.
+
+Every collective over the batch axes runs on each device's `tensor` block
+(`manual.tensor_local`, a shard_map nested over `tensor`): left to XLA 0.10's partitioner, a
+manual fsdp all-gather or reduce-scatter of a tensor-split buffer ran on the whole buffer and
+all-gathered it over tensor first (measured: 2.4× the closed-form bytes on fsdp=4 × tensor=2).
+
+Parameters that no rule splits over fsdp (biases and norms without an `embed` axis) are
+all-reduced over fsdp instead. Gradients are summed in the autodiff graph before any collective,
+so the tied embedding is synced once. Each device's loss is the mean over its own rows, so the
+global loss and gradients are the sums over the batch axes divided by data × fsdp.
+
+With dropout, each device folds its index over the batch axes into the step's key: the masks
+differ from a one-device run's (as they would on any other number of devices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jaxsys.config import Config
+from jaxsys.model import hooks
+from jaxsys.parallel.manual import manual_axes, psum_live, shard_map, tensor_local
+from jaxsys.parallel.mesh import DATA_AXES
+from jaxsys.parallel.rules import PARAM_RULES, Rules, dims_over, param_rules
+
+Batch = dict[str, jax.Array]
+GradFn = Callable[[Any, Batch, Any], tuple[jax.Array, Any]]
+
+
+def uses_explicit_sync(cfg: Config, mesh: Mesh) -> bool:
+    """Does the train step sync gradients here (rather than leave it to XLA)?"""
+    sizes = dict(mesh.shape)
+    return (cfg.mesh.grad_sync == "explicit" and sizes["pipe"] == 1
+            and sizes["data"] * sizes["fsdp"] > 1)
+
+
+def _fsdp_dim(logical: P, rules: Rules) -> int | None:
+    """The dimension that `rules` split over fsdp for a parameter with these logical axes."""
+    dims = dims_over(tuple(logical), rules, "fsdp")
+    return dims[0] if dims else None
+
+
+def gathering_weights(outer: hooks.Hooks, stored_rules: Rules) -> hooks.Hooks:
+    """`outer` with the ZeRO-3 weight hooks for a region manual over `fsdp` whose parameters
+    arrive split as `stored_rules` say: `stored_shape` is the local slice's shape, and
+    `use_weight` all-gathers each weight over fsdp where it is used, then applies `outer`'s."""
+
+    def fsdp_dims(axes: Any) -> list[int]:
+        if "fsdp" not in manual_axes() or jax.sharding.get_abstract_mesh().shape["fsdp"] == 1:
+            return []  # (a collective over a size-1 manual axis got tensor's replica groups: skip it)
+        return dims_over(axes, stored_rules, "fsdp")
+
+    def stored_shape(shape: tuple[int, ...], axes: Any) -> tuple[int, ...]:
+        dims = fsdp_dims(axes)
+        if not dims:
+            return shape
+        fsdp = jax.sharding.get_abstract_mesh().shape["fsdp"]
+        return tuple(n // fsdp if d in dims else n for d, n in enumerate(shape))
+
+    def use_weight(w: jax.Array, axes: Any) -> jax.Array:
+        for dim in fsdp_dims(axes):
+            w = tensor_local(lambda x, d=dim: jax.lax.all_gather(x, "fsdp", axis=d, tiled=True), w, axes)
+        return outer.use_weight(w, axes)
+
+    return dataclasses.replace(outer, stored_shape=stored_shape, use_weight=use_weight)
+
+
+def _spec(ndim: int, dim: int | None) -> P:
+    return P(*[("fsdp" if d == dim else None) for d in range(ndim)])
+
+
+def _reduce_scatter(g: jax.Array, dim: int, logical: P) -> jax.Array:
+    """Reduce-scatter `g` over fsdp along `dim`, on each device's tensor block."""
+    return tensor_local(
+        lambda x: jax.lax.psum_scatter(x, "fsdp", scatter_dimension=dim, tiled=True), g, tuple(logical))
+
+
+@dataclasses.dataclass(frozen=True)
+class _SyncPlan:
+    """Per parameter leaf (in tree order): its logical axes, the dimension it arrives split on
+    over fsdp (ZeRO-3), the dimension its gradient leaves split on (ZeRO 1-3), and whether that
+    gradient is reduce-scattered per microbatch (ZeRO-2)."""
+
+    treedef: Any
+    logical: list[P]
+    stored: list[int | None]
+    out: list[int | None]
+    early: list[bool]
+    sizes: dict[str, int]
+
+    @classmethod
+    def make(cls, cfg: Config, mesh: Mesh, logical_specs: Any) -> "_SyncPlan":
+        stage, sizes = cfg.mesh.zero_stage, dict(mesh.shape)
+        leaves, treedef = jax.tree_util.tree_flatten(logical_specs, is_leaf=lambda x: isinstance(x, P))
+        split = sizes["fsdp"] > 1
+        stored = [_fsdp_dim(lg, param_rules(cfg.mesh)) if split else None for lg in leaves]
+        out = [_fsdp_dim(lg, PARAM_RULES) if stage >= 1 and split else None for lg in leaves]
+        early = [o is not None and st is None and stage == 2 for st, o in zip(stored, out)]
+        return cls(treedef, leaves, stored, out, early, sizes)
+
+    def scatter_early(self, grads: Any) -> Any:
+        """ZeRO-2: reduce-scatter each microbatch's gradients over fsdp as they are made."""
+        flat = self.treedef.flatten_up_to(grads)
+        return self.treedef.unflatten([_reduce_scatter(g, o, lg) if e else g
+                                       for g, lg, o, e in zip(flat, self.logical, self.out, self.early)])
+
+    def finish(self, grads: Any) -> Any:
+        """Reduce what is not reduced yet, then divide by data × fsdp (the mean over devices)."""
+        ways = self.sizes["data"] * self.sizes["fsdp"]
+        result = []
+        for g, lg, st, o, e in zip(self.treedef.flatten_up_to(grads), self.logical, self.stored,
+                                   self.out, self.early):
+            if st is not None or e:  # reduced over fsdp already (a transpose, or per microbatch)
+                axes: tuple[str, ...] = ("data",)
+            elif o is not None:  # ZeRO-1: reduce-scatter over fsdp now
+                g, axes = _reduce_scatter(g, o, lg), ("data",)
+            else:  # not split over fsdp: one all-reduce over data × fsdp
+                axes = DATA_AXES
+            result.append(tensor_local(lambda x, a=axes: psum_live(x, a, self.sizes) / ways, g, tuple(lg)))
+        return self.treedef.unflatten(result)
+
+    def specs(self, dims: list[int | None]) -> Any:
+        return self.treedef.unflatten([_spec(len(lg), d) for lg, d in zip(self.logical, dims)])
+
+
+def make_synced_grads(cfg: Config, mesh: Mesh, logical_specs: Any,
+                      accumulate: Callable[..., tuple[jax.Array, Any]],
+                      grad_fn: GradFn) -> Callable[[Any, Batch, Any], tuple[jax.Array, Any]]:
+    """`(params, batch, key) -> (mean loss, grads)` with explicit ZeRO collectives.
+
+    `accumulate(grad_fn, params, batch, key, per_micro)` sums `grad_fn` over the step's
+    microbatches (see `jaxsys.train.step.accumulate`); `logical_specs` is the parameters' tree of
+    logical `PartitionSpec`s. The returned grads are split over fsdp for stages 1–3 (the layout of
+    the AdamW moments) and whole for stage 0; call it inside `jax.jit`."""
+    plan = _SyncPlan.make(cfg, mesh, logical_specs)
+    ways = plan.sizes["data"] * plan.sizes["fsdp"]
+
+    def local(params: Any, batch: Batch, key: Any) -> tuple[jax.Array, Any]:
+        if key is not None:  # different dropout masks per device
+            key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXES))
+        with hooks.installed(gathering_weights(hooks.current(), param_rules(cfg.mesh))):
+            loss, grads = accumulate(grad_fn, params, batch, key, plan.scatter_early)
+        return psum_live(loss, DATA_AXES, plan.sizes) / ways, plan.finish(grads)
+
+    in_params, out_grads = plan.specs(plan.stored), plan.specs(plan.out)
+
+    def loss_and_grads(params: Any, batch: Batch, key: Any) -> tuple[jax.Array, Any]:
+        batch_specs = {k: P(DATA_AXES) for k in batch}
+        if key is None:
+            fn, args, in_specs = (lambda p, b: local(p, b, None)), (params, batch), (in_params, batch_specs)
+        else:
+            fn, args, in_specs = local, (params, batch, key), (in_params, batch_specs, P())
+        # check_vma=False: with it on, JAX's AD would psum the gradient of every parameter that
+        # enters replicated (the transpose of its implicit broadcast to the per-device rows), an
+        # all-reduce per use; the sync here is the only one.
+        return shard_map(fn, mesh, DATA_AXES, in_specs=in_specs,
+                         out_specs=(P(), out_grads), check_vma=False)(*args)
+
+    return loss_and_grads

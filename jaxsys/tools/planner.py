@@ -1,0 +1,293 @@
+"""`jaxsys plan`: what a layout costs per device, read from the compiled train step.
+
+For a config on a mesh the train step is compiled ahead of time (nothing runs) and reported
+next to closed forms:
+
+- memory per device: parameters, gradients and AdamW moments from the compiled step's
+  shardings (their sum is checked against `memory_analysis().argument_size_in_bytes`), and
+  temporaries from `temp_size_in_bytes`; beside them the ZeRO paper's 2Ψ+2Ψ+KΨ with our
+  dtypes (fp32 parameters and gradients, two fp32 moments: 4Ψ + 4Ψ + 8Ψ bytes), each divided
+  by tensor and, per stage, by fsdp; activations per Korthikanti et al. 2022 (TP/SP/remat).
+- every collective of the optimized HLO (`hlo_stats`), by kind and mesh axes, beside the
+  Megatron/ZeRO closed-form wire bytes.
+- FLOPs from `cost_analysis()` and a roofline step time (`roofline`).
+
+XLA's cost analysis counts a `while` body once, so the planner compiles with
+`model.scan_layers=false` (every layer visible; collectives are counted the same either way).
+
+Letters: Ψ parameters, L layers, b sequences per device per microbatch, T sequence, D embed,
+F MLP hidden, H heads, K kv heads, E head size, V vocabulary, t tensor, z fsdp, d data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxsys.config import Config, ConfigError, apply_overrides
+from jaxsys.config.hardware import get_accelerator
+from jaxsys.model.flops import flops_per_token
+from jaxsys.model.params import count_params
+from jaxsys.parallel import rules
+from jaxsys.parallel.mesh import MESH_AXES, layout_name as mesh_layout_name, make_mesh
+from jaxsys.tools import hlo_stats, roofline
+from jaxsys.train import state as state_lib
+from jaxsys.train import step as step_lib
+
+
+def _shard_bytes(abstract: Any, shardings: Any) -> int:
+    leaves = jax.tree_util.tree_leaves(abstract)
+    shs = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return int(sum(math.prod(sh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                   for x, sh in zip(leaves, shs)))
+
+
+def closed_form_state(cfg: Config, sizes: dict[str, int], n_params: int) -> dict[str, float]:
+    """ZeRO paper per-device bytes: params, grads, optimizer (K = two moments in param dtype)."""
+    pb = np.dtype(cfg.model.param_dtype).itemsize
+    t, z, stage = sizes["tensor"], sizes["fsdp"], cfg.mesh.zero_stage
+    per_t = n_params / t
+    return {"params": pb * per_t / (z if stage >= 3 else 1),
+            "grads": pb * per_t / (z if stage >= 2 else 1),
+            "optimizer": 2 * pb * per_t / (z if stage >= 1 else 1)}
+
+
+def closed_form_activations(cfg: Config, sizes: dict[str, int]) -> float:
+    """Korthikanti et al. 2022 (Eqs. 1–2) per device, in the compute dtype, without dropout
+    masks: per layer sbD·(4 + A/t) + a·s²·b/t elements without SP, sbD·(4 + A)/t + a·s²·b/t with
+    SP, sbD (/t with SP) with full remat; A = QKV + attention-output + MLP inputs/outputs in
+    units of D. Plus the fp32 logits and their gradient, sbV/t each."""
+    m = cfg.model.resolved()
+    t = sizes["tensor"]
+    b = cfg.train.batch_size // cfg.train.grad_accum // (sizes["data"] * sizes["fsdp"])
+    s, D = m.seq_len, m.embed_dim
+    mlp = (2 if m.family == "gpt2" else 3) * m.mlp_dim / D
+    A = ((m.num_heads + 2 * m.num_kv_heads) * m.head_dim + m.num_heads * m.head_dim) / D + mlp
+    sp = cfg.mesh.sequence_parallel
+    if m.remat == "full":
+        per_layer = s * b * D / (t if sp else 1)
+    else:
+        per_layer = s * b * D * ((4 + A) / t if sp else 4 + A / t) + m.num_heads * s * s * b / t
+    beta = np.dtype(m.compute_dtype).itemsize
+    return m.num_layers * per_layer * beta + 2 * s * b * m.vocab_size / t * 4
+
+
+def closed_form_comm(cfg: Config, sizes: dict[str, int], tp_param_bytes: float) -> dict[str, float]:
+    """Megatron + ZeRO wire bytes per device per step (ring algorithms), by collective kind.
+
+    TP: per microbatch 4L + 2 all-reduces of b·T·D (2 per block forward, 2 backward, the
+    embedding forward, the head's backward; +2L with full remat), or with SP as many
+    all-gathers plus reduce-scatters (same wire bytes), and 3 all-reduces of b·T fp32 in the
+    vocab-parallel loss. DP/ZeRO on P = parameter bytes per tensor shard: stage 0 all-reduce over
+    data×fsdp; stages 1–3 reduce-scatter over fsdp + all-reduce of the 1/z shard over data +
+    all-gather over fsdp (stage 3 gathers weights before use, 1–2 gather updated parameters)."""
+    m, M = cfg.model, cfg.train.grad_accum
+    t, z, d = sizes["tensor"], sizes["fsdp"], sizes["data"]
+    out = {k: 0.0 for k in hlo_stats.KINDS}
+    if t > 1:
+        b = cfg.train.batch_size // M // (d * z)
+        act = b * m.seq_len * m.embed_dim * np.dtype(m.compute_dtype).itemsize
+        n = 4 * m.num_layers + 2 + (2 * m.num_layers if m.remat == "full" else 0)
+        if cfg.mesh.sequence_parallel:
+            out["all-gather"] += M * n * (t - 1) / t * act
+            out["reduce-scatter"] += M * n * (t - 1) / t * act
+        else:
+            out["all-reduce"] += M * n * 2 * (t - 1) / t * act
+        out["all-reduce"] += M * 3 * 2 * (t - 1) / t * b * m.seq_len * 4
+    n = d * z
+    if cfg.mesh.zero_stage == 0 or z == 1:
+        out["all-reduce"] += 2 * (n - 1) / n * tp_param_bytes
+    else:
+        out["reduce-scatter"] += (z - 1) / z * tp_param_bytes
+        out["all-reduce"] += 2 * (d - 1) / d * tp_param_bytes / z
+        out["all-gather"] += (z - 1) / z * tp_param_bytes
+    return out
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything `jaxsys plan` reports for one layout; bytes are per device."""
+
+    layout: dict[str, Any]
+    memory: dict[str, float]  # measured: params, grads, optimizer, state_compiled, temp, peak
+    memory_formula: dict[str, float]  # params, grads, optimizer, activations
+    collectives: list[dict[str, Any]]  # by (kind, axes): count, payload_bytes, wire_bytes per step
+    comm_bytes: dict[str, float]  # measured wire bytes per step by kind
+    comm_formula: dict[str, float]  # closed-form wire bytes per step by kind
+    flops: float  # per device per step, cost_analysis
+    flops_formula: float  # 6N + attention (PaLM), per device per step
+    roofline: dict[str, float]
+    compile_s: float
+
+    @property
+    def state_bytes(self) -> float:
+        return self.memory["params"] + self.memory["grads"] + self.memory["optimizer"]
+
+    @property
+    def state_formula(self) -> float:
+        f = self.memory_formula
+        return f["params"] + f["grads"] + f["optimizer"]
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["state_bytes"], d["state_formula"] = self.state_bytes, self.state_formula
+        return d
+
+
+def layout_name(cfg: Config) -> str:
+    """`jaxsys.parallel.mesh.layout_name` of `cfg.mesh` as configured, with ZeRO stage and SP."""
+    m = cfg.mesh
+    return mesh_layout_name({a: getattr(m, a) for a in MESH_AXES}, m.zero_stage, m.sequence_parallel)
+
+
+def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") -> Plan:
+    """Compile `cfg`'s train step for its mesh over `devices` (default: all) and report."""
+    cfg = apply_overrides(cfg, ["model.scan_layers=false"])
+    devices = list(devices if devices is not None else jax.devices())
+    s = state_lib.setup(cfg, make_mesh(cfg.mesh, devices))
+    sizes = dict(s.mesh.shape)
+    t0 = time.perf_counter()
+    compiled = step_lib.compile_train_step(s)
+    compile_s = time.perf_counter() - t0
+
+    abstract = state_lib.abstract_state(s)
+    params_b = _shard_bytes(abstract.params, s.state_sharding.params)
+    opt_b = _shard_bytes(abstract.opt_state, s.state_sharding.opt_state)
+    grads_b = _shard_bytes(abstract.params, s.grad_sharding)
+    ma = compiled.memory_analysis()
+    n_dev = s.mesh.devices.size
+    batch_b = 2 * cfg.train.batch_size * cfg.model.seq_len * 4 // (sizes["data"] * sizes["fsdp"])
+    memory = {"params": params_b, "grads": grads_b, "optimizer": opt_b,
+              "state_compiled": ma.argument_size_in_bytes - batch_b,
+              "temp": ma.temp_size_in_bytes,
+              "peak": ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+              + ma.temp_size_in_bytes}
+    n_params = count_params(s.abstract_params)
+    tp_only = rules.param_shardings(s.logical_specs, s.mesh, rules.grad_rules(
+        dataclasses.replace(cfg.mesh, zero_stage=0)))
+    tp_param_b = _shard_bytes(abstract.params, tp_only)
+
+    colls = hlo_stats.collectives(compiled.as_text(), s.mesh)
+    summary = hlo_stats.summarize(colls)
+    comm = {k: 0.0 for k in hlo_stats.KINDS}
+    acc = get_accelerator(accelerator)
+    comm_s = 0.0
+    rows = []
+    for (kind, axes), row in summary.items():
+        comm[kind] += row["wire_bytes"]
+        comm_s += row["wire_bytes"] / roofline.link_bandwidth(acc, axes, sizes, MESH_AXES)
+        rows.append({"kind": kind, "axes": list(axes), **row})
+
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    # The microbatch loop is a while loop too: its body (forward + backward) is counted once.
+    flops = float(cost.get("flops", 0.0)) * cfg.train.grad_accum
+    hbm = float(cost.get("bytes accessed", 0.0)) * cfg.train.grad_accum
+    tokens = cfg.train.batch_size * cfg.model.seq_len
+    flops_formula = flops_per_token(cfg.model, n_params) * tokens / n_dev
+    bf16 = cfg.model.compute_dtype != "float32"
+    est = roofline.estimate(acc, flops, hbm, comm_s, bf16)
+
+    m = cfg.mesh
+    layout = {"name": mesh_layout_name(sizes, m.zero_stage, m.sequence_parallel), "devices": n_dev,
+              "data": sizes["data"], "fsdp": sizes["fsdp"],
+              "tensor": sizes["tensor"], "zero_stage": m.zero_stage,
+              "sequence_parallel": m.sequence_parallel, "accelerator": acc.name,
+              "params": n_params}
+    formula_mem = closed_form_state(cfg, sizes, n_params)
+    formula_mem["activations"] = closed_form_activations(cfg, sizes)
+    return Plan(layout, memory, formula_mem, rows, comm, closed_form_comm(cfg, sizes, tp_param_b),
+                flops, flops_formula, est, compile_s)
+
+
+def candidate_layouts(n_devices: int, cfg: Config) -> list[list[str]]:
+    """Every data × fsdp × tensor (× ZeRO stage when fsdp > 1, × SP when tensor > 1) for N."""
+    out = []
+    for t in (d for d in range(1, n_devices + 1) if n_devices % d == 0):
+        for z in (d for d in range(1, n_devices // t + 1) if (n_devices // t) % d == 0):
+            d = n_devices // t // z
+            for stage in ((0, 1, 2, 3) if z > 1 else (cfg.mesh.zero_stage,)):
+                for sp in ((False, True) if t > 1 else (False,)):
+                    out.append([f"mesh.data={d}", f"mesh.fsdp={z}", f"mesh.tensor={t}",
+                                f"mesh.zero_stage={stage}", f"mesh.sequence_parallel={sp}"])
+    return out
+
+
+def search(cfg: Config, devices: list | None = None, accelerator: str = "h100",
+           memory_budget: float | None = None) -> tuple[list[Plan], list[tuple[str, str]]]:
+    """Plan every valid layout; drop those whose peak bytes exceed `memory_budget` (default: the
+    accelerator's memory); rank by estimated step time. Returns (ranked plans, rejected
+    (layout, reason))."""
+    devices = list(devices if devices is not None else jax.devices())
+    budget = memory_budget if memory_budget is not None else get_accelerator(accelerator).memory_bytes
+    plans, rejected = [], []
+    for overrides in candidate_layouts(len(devices), cfg):
+        c = apply_overrides(cfg, overrides)
+        try:
+            plans.append(plan(c, devices, accelerator))
+        except ConfigError as e:
+            rejected.append((layout_name(c), str(e)))
+    kept, over = rank(plans, budget)
+    return kept, rejected + over
+
+
+def rank(plans: list[Plan], budget: float) -> tuple[list[Plan], list[tuple[str, str]]]:
+    """Plans whose peak bytes fit `budget`, fastest estimated step first; and the rest, with why."""
+    kept = sorted((p for p in plans if p.memory["peak"] <= budget), key=lambda p: p.roofline["step_s"])
+    over = [(p.layout["name"], f"peak {p.memory['peak'] / 2**20:.3f} MiB > budget {budget / 2**20:.3f} MiB")
+            for p in plans if p.memory["peak"] > budget]
+    return kept, over
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _mib(x: float) -> str:
+    return f"{x / 2**20:.3f}"
+
+
+def format_plan(p: Plan) -> str:
+    """A readable report: memory and communication beside their closed forms, roofline."""
+    lines = [f"layout: {p.layout['name']} on {p.layout['devices']} devices "
+             f"({p.layout['params']:,} parameters; compiled in {p.compile_s:.1f} s)", "",
+             "memory per device (MiB)      compiled    formula"]
+    for key in ("params", "grads", "optimizer"):
+        lines.append(f"  {key:<26} {_mib(p.memory[key]):>9}  {_mib(p.memory_formula[key]):>9}")
+    lines.append(f"  {'params+grads+optimizer':<26} {_mib(p.state_bytes):>9}  {_mib(p.state_formula):>9}")
+    lines.append(f"  {'temporaries (XLA temp)':<26} {_mib(p.memory['temp']):>9}  "
+                 f"{_mib(p.memory_formula['activations']):>9}  (formula: activations only)")
+    lines.append(f"  {'peak':<26} {_mib(p.memory['peak']):>9}")
+    lines += ["", "collectives per step          axes            count   wire MiB"]
+    for r in p.collectives:
+        lines.append(f"  {r['kind']:<26} {','.join(r['axes']) or '-':<14} {r['count']:>7}  "
+                     f"{_mib(r['wire_bytes']):>9}")
+    lines += ["", "wire bytes per step by kind    compiled    formula"]
+    for k in hlo_stats.KINDS:
+        if p.comm_bytes[k] or p.comm_formula[k]:
+            lines.append(f"  {k:<26} {_mib(p.comm_bytes[k]):>9}  {_mib(p.comm_formula[k]):>9}")
+    lines.append(f"  {'total':<26} {_mib(sum(p.comm_bytes.values())):>9}  "
+                 f"{_mib(sum(p.comm_formula.values())):>9}")
+    r = p.roofline
+    lines += ["", f"FLOPs per device per step: {p.flops:.4g} (cost analysis), "
+                  f"{p.flops_formula:.4g} (6N + attention)",
+              f"roofline on {p.layout['accelerator']}: compute {r['compute_s'] * 1e3:.3f} ms, "
+              f"memory {r['memory_s'] * 1e3:.3f} ms, communication {r['comm_s'] * 1e3:.3f} ms -> "
+              f"step {r['step_s'] * 1e3:.3f} ms ({r['step_overlapped_s'] * 1e3:.3f} ms if fully overlapped)"]
+    return "\n".join(lines)
+
+
+def format_search(plans: list[Plan], rejected: list[tuple[str, str]]) -> str:
+    lines = [f"{'rank':>4}  {'layout':<30} {'state MiB':>10} {'peak MiB':>10} {'comm MiB':>10} "
+             f"{'step ms':>9}"]
+    for i, p in enumerate(plans, 1):
+        lines.append(f"{i:>4}  {p.layout['name']:<30} {_mib(p.state_bytes):>10} "
+                     f"{_mib(p.memory['peak']):>10} {_mib(sum(p.comm_bytes.values())):>10} "
+                     f"{p.roofline['step_s'] * 1e3:>9.4g}")
+    if rejected:
+        lines += ["", "rejected:"] + [f"  {name}: {why}" for name, why in rejected]
+    return "\n".join(lines)

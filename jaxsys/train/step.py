@@ -1,0 +1,139 @@
+"""The pure train step `step(state, batch) -> (state, metrics)`, its gradient accumulation, and
+its ahead-of-time compile with explicit shardings and donated state.
+
+How the gradients of a step are computed and synced is chosen by the mesh (`_loss_and_grads`):
+a pipeline (`mesh.pipe` > 1: `jaxsys.parallel.pipeline`), the explicit data-parallel / ZeRO
+sync (`jaxsys.parallel.zero`), or XLA's partitioner with sharding constraints
+(`mesh.grad_sync=xla`, or one device).
+
+Shapes (`jaxsys.model.axes`): B global batch, A accumulation microbatches, T sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxsys.config import Config
+from jaxsys.data.batches import split_microbatches
+from jaxsys.model import hooks
+from jaxsys.model.axes import TOKENS_BT
+from jaxsys.model.loss import Batch, loss
+from jaxsys.parallel import zero
+from jaxsys.parallel.install import parallelize
+from jaxsys.parallel.mesh import replicated
+from jaxsys.parallel.pipeline.executor import pipeline_grads
+from jaxsys.parallel.pipeline.program import compile_schedule, make_schedule
+from jaxsys.parallel.rules import with_shardings
+from jaxsys.train.state import Setup, TrainState, abstract_state
+
+Metrics = dict[str, jax.Array]
+GradFn = Callable[[Any, Batch, Any], tuple[jax.Array, Any]]
+
+
+def accumulate(grad_fn: GradFn, params: Any, batch: Batch, key: jax.Array | None,
+               per_micro: Callable[[Any], Any] = lambda g: g, *, num_micro: int) -> tuple[jax.Array, Any]:
+    """Mean loss and gradients of `grad_fn` over `num_micro` (A) microbatches of `batch` ([B, T]
+    arrays, microbatch i = rows i, i + A, ...), summed in float32 inside one `lax.scan` (one
+    optimizer update per call, one compile; optax.MultiSteps would need A host calls).
+    `per_micro` is applied to each microbatch's gradients (a ZeRO-2 reduce-scatter, or a
+    sharding constraint) before they are added up."""
+    if num_micro == 1:
+        loss_, grads = grad_fn(params, batch, key)
+        return loss_, per_micro(grads)
+
+    def split(x_BT: jax.Array) -> jax.Array:  # [B, T] -> [A, B/A, T], rows strided
+        return hooks.constrain(split_microbatches(x_BT, num_micro), (None, *TOKENS_BT))
+
+    def body(carry, xs):
+        loss_sum, grad_sum = carry
+        i, mb = xs
+        k = None if key is None else jax.random.fold_in(key, i)
+        loss_, grads = grad_fn(params, mb, k)
+        grad_sum = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grad_sum, per_micro(grads))
+        return (loss_sum + loss_, grad_sum), None
+
+    # Sum in float32 whatever the parameter dtype, so A microbatches equal one batch.
+    shapes = jax.eval_shape(per_micro, params)
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes)
+    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                           (jnp.arange(num_micro), jax.tree_util.tree_map(split, batch)))
+    grads = jax.tree_util.tree_map(lambda a, x: (a / num_micro).astype(x.dtype), grad_sum, shapes)
+    return loss_sum / num_micro, grads
+
+
+def _loss_and_grads(s: Setup) -> GradFn:
+    """`(params, batch, key) -> (mean loss, grads)` of one step, by the strategy the mesh asks for."""
+    cfg = s.cfg
+    grad_fn: GradFn = jax.value_and_grad(lambda p, b, k: loss(s.model, p, b, k))
+    if s.mesh.shape["pipe"] > 1:  # the pipeline computes loss and gradients itself (no dropout)
+        prog = compile_schedule(make_schedule(cfg, s.mesh.shape["pipe"]))
+        grad_fn = lambda p, b, k: pipeline_grads(cfg, s.mesh, prog, p, b)[:2]  # noqa: E731
+    accumulate_ = functools.partial(accumulate, num_micro=cfg.train.grad_accum)
+    if zero.uses_explicit_sync(cfg, s.mesh):  # shard_map over data × fsdp, ZeRO by hand
+        return zero.make_synced_grads(cfg, s.mesh, s.logical_specs, accumulate_, grad_fn)
+
+    def xla_synced(params: Any, batch: Batch, key: Any) -> tuple[jax.Array, Any]:
+        # XLA's partitioner inserts the gradient collectives.
+        constrain = lambda g: jax.lax.with_sharding_constraint(g, s.grad_sharding)  # noqa: E731
+        loss_, grads = accumulate_(grad_fn, params, batch, key, constrain)  # ZeRO-2: accumulate shards
+        return loss_, constrain(grads)  # ZeRO-2: reduce-scatter
+    return xla_synced
+
+
+def _poison(cfg: Config, step: jax.Array, loss_: jax.Array, grads: Any) -> tuple[jax.Array, Any]:
+    """Fault injection (`faults.nan_steps`): NaN loss and gradients at the chosen steps."""
+    nan_steps = jnp.asarray(cfg.faults.nan_steps, jnp.int32)
+    poison = jnp.where(jnp.isin(step + 1, nan_steps), jnp.nan, 1.0)
+    return loss_ * poison, jax.tree_util.tree_map(lambda g: g * poison.astype(g.dtype), grads)
+
+
+def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """The pure train step for `s` (not jitted; see `compile_train_step`)."""
+    cfg = s.cfg
+    use_dropout = cfg.model.dropout > 0.0
+    base_key = jax.random.key(cfg.train.seed + 1)
+    loss_and_grads = _loss_and_grads(s)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        key = jax.random.fold_in(base_key, state.step) if use_dropout else None
+        loss_, grads = loss_and_grads(state.params, batch, key)
+        if cfg.faults.nan_steps:
+            loss_, grads = _poison(cfg, state.step, loss_, grads)
+        updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)  # zero updates when skipped
+        metrics = {"loss": loss_, "grad_norm": optax.global_norm(grads), "lr": s.lr_schedule(state.step),
+                   "skipped": 1.0 - opt_state.last_finite.astype(jnp.float32),
+                   "skipped_total": opt_state.total_notfinite.astype(jnp.float32)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def compile_train_step(s: Setup) -> Any:
+    """Ahead-of-time compile of the train step with explicit shardings and donated state.
+
+    Returns a `jax.stages.Compiled`: calling it never recompiles, and its `memory_analysis()`
+    and `cost_analysis()` describe the program per device."""
+    state = with_shardings(abstract_state(s), s.state_sharding)
+    tokens = jax.ShapeDtypeStruct((s.cfg.train.batch_size, s.cfg.model.seq_len), jnp.int32,
+                                  sharding=s.batch_sharding)
+    step = jax.jit(make_train_step(s), in_shardings=(s.state_sharding, s.batch_sharding),
+                   out_shardings=(s.state_sharding, replicated(s.mesh)), donate_argnums=0)
+    with parallelize(s.mesh, s.activation_rules):
+        return step.lower(state, {"inputs": tokens, "targets": tokens}).compile()
+
+
+def compile_eval_step(s: Setup, batch_size: int) -> Any:
+    """Compiled `eval_step(params, batch) -> loss` (no dropout)."""
+    param_abstract = with_shardings(s.abstract_params, s.state_sharding.params)
+    tokens = jax.ShapeDtypeStruct((batch_size, s.cfg.model.seq_len), jnp.int32, sharding=s.batch_sharding)
+    fn = jax.jit(lambda p, b: loss(s.model, p, b, None),
+                 in_shardings=(s.state_sharding.params, s.batch_sharding),
+                 out_shardings=replicated(s.mesh))
+    with parallelize(s.mesh, s.activation_rules):
+        return fn.lower(param_abstract, {"inputs": tokens, "targets": tokens}).compile()

@@ -1,0 +1,158 @@
+"""The planner's numbers: Megatron collectives per block, ZeRO memory per device, layout errors,
+the `jaxsys plan` command and the layout search."""
+
+import json
+
+import jax
+import pytest
+
+from jaxsys.cli.main import main as cli_main
+from jaxsys.config import ConfigError, apply_overrides
+from jaxsys.tools import hlo_stats, planner
+from tests.helpers import grad_hlo, layout, tiny_cfg
+
+TP4 = ("mesh.data=2", "mesh.tensor=4", "model.num_heads=8")
+
+
+def _per_block(sp: bool):
+    """Collectives of one transformer block, by kind: (count, wire bytes). The 3 layers are a
+    `scan`, so a collective of the block sits in the loop body and runs 3 times per step."""
+    cfg = tiny_cfg(*TP4, "model.num_layers=3", "model.scan_layers=true", f"mesh.sequence_parallel={sp}")
+    s = layout(cfg)
+    b = cfg.train.batch_size // s.mesh.shape["data"]
+    act = b * cfg.model.seq_len * cfg.model.embed_dim * 4  # one [b, T, D] fp32 activation
+    by_kind: dict = {}
+    for c in hlo_stats.collectives(grad_hlo(s), s.mesh):
+        if c.axes == ("tensor",) and c.payload_bytes == act and c.count == 3:
+            n, w = by_kind.get(c.kind, (0, 0.0))
+            by_kind[c.kind] = (n + 1, w + c.wire_bytes)
+    return by_kind, act
+
+
+def test_megatron_collectives_per_block_tensor4():
+    """Megatron: one all-reduce of [b, T, D] per sub-layer forward and one backward (4 per
+    block); with SP the same wire bytes as 4 all-gathers + 4 reduce-scatters."""
+    plain, act = _per_block(sp=False)
+    assert plain == {"all-reduce": (4, pytest.approx(4 * 2 * 3 / 4 * act))}
+    sp, _ = _per_block(sp=True)
+    assert set(sp) == {"all-gather", "reduce-scatter"}
+    assert sp["all-gather"][0] == 4 and sp["reduce-scatter"][0] == 4
+    assert sp["all-gather"][1] + sp["reduce-scatter"][1] == pytest.approx(plain["all-reduce"][1])
+
+
+_PLANS: dict = {}
+
+
+def zero_plan(stage: int) -> planner.Plan:
+    # embed_dim 64: the few parameters without an embed axis (biases) stay replicated.
+    if stage not in _PLANS:
+        _PLANS[stage] = planner.plan(tiny_cfg("mesh.data=1", "mesh.fsdp=8", f"mesh.zero_stage={stage}",
+                                              "model.embed_dim=64", "model.num_layers=1"))
+    return _PLANS[stage]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_state_bytes_within_10_percent_of_formula(stage):
+    p = zero_plan(stage)
+    assert abs(p.state_bytes - p.state_formula) <= 0.10 * p.state_formula, (p.memory, p.memory_formula)
+    # The shardings' params + moments are what the compiled step takes as arguments (plus int32
+    # step counters).
+    assert 0 <= p.memory["state_compiled"] - p.memory["params"] - p.memory["optimizer"] < 64
+    n = p.layout["params"]
+    assert p.state_formula == pytest.approx({1: 4 * n + 4 * n + 8 * n / 8, 2: 4 * n + (4 + 8) * n / 8,
+                                             3: 16 * n / 8}[stage])
+
+
+def test_rank_orders_by_step_time_and_drops_over_budget():
+    plans = [zero_plan(stage) for stage in (1, 2, 3)]
+    assert plans[0].state_bytes > plans[1].state_bytes > plans[2].state_bytes
+    kept, over = planner.rank(plans, budget=float("inf"))
+    assert [p.roofline["step_s"] for p in kept] == sorted(p.roofline["step_s"] for p in plans)
+    # ZeRO-3 holds the least; with one microbatch, stages 1 and 2 compile to the same program
+    # (both reduce-scatter once), so they may tie.
+    budget = min(p.memory["peak"] for p in plans)
+    assert plans[2].memory["peak"] == budget < max(p.memory["peak"] for p in plans)
+    kept, over = planner.rank(plans, budget)
+    assert plans[2] in kept and len(kept) + len(over) == 3 and len(over) >= 1
+    assert all("> budget" in why for _, why in over)
+    assert all(p.memory["peak"] <= budget for p in kept)
+
+
+def test_candidate_layouts_for_8_devices():
+    names = {planner.layout_name(apply_overrides(tiny_cfg(), o))
+             for o in planner.candidate_layouts(8, tiny_cfg())}
+    # tensor 1: data=8 + 3 fsdp sizes × 4 stages; tensor 2: 1 + 2 × 4, ×2 for SP; tensor 4:
+    # (1 + 4) × 2; tensor 8: 2.
+    assert len(names) == 13 + 18 + 10 + 2
+    assert "fsdp=2 × tensor=4 zero=1 sp" in names and "data=8" in names
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("mesh.data=2", "mesh.tensor=4", "model.num_heads=2"), "model.num_heads=2 is not divisible by the tensor axis"),
+    (("mesh.data=2", "mesh.tensor=4", "model.num_heads=8", "model.family=llama", "model.num_kv_heads=2"),
+     "model.num_kv_heads=2 is not divisible by the tensor axis"),
+    (("mesh.data=1", "mesh.tensor=8", "model.num_heads=8", "model.vocab_size=260"),
+     "model.vocab_size=260 is not divisible by the tensor axis"),
+    (("mesh.data=2", "mesh.tensor=4", "model.num_heads=8", "model.seq_len=14", "mesh.sequence_parallel=true"),
+     "model.seq_len=14 is not divisible by mesh.tensor=4"),
+    (("mesh.data=1", "mesh.fsdp=8", "mesh.zero_stage=4"), "mesh.zero_stage=4 is not one of 0, 1, 2, 3"),
+    # ZeRO-1 splits the moments over fsdp, so embed must divide even though params do not split.
+    (("mesh.data=1", "mesh.fsdp=8", "mesh.zero_stage=1", "model.embed_dim=36", "model.num_heads=4"),
+     r"'embed', size 36\) is not divisible by mesh axis fsdp=8"),
+])
+def test_invalid_layouts_rejected(overrides, message):
+    cfg = tiny_cfg(*overrides)
+    with pytest.raises(ConfigError, match=message):
+        planner.plan(cfg)
+
+
+def test_zero0_allows_any_embed_width():
+    """Stage 0 shards nothing over fsdp, so a width fsdp does not divide is fine."""
+    s = layout(tiny_cfg("mesh.data=1", "mesh.fsdp=8", "mesh.zero_stage=0", "model.embed_dim=36",
+                        "model.num_heads=4"))
+    assert s.state_sharding.params["layers"]["attn"]["wq"].spec[1] is None
+
+
+def test_cli_plan_json(capsys):
+    assert cli_main(["plan", "--preset", "tiny", "--json", "mesh.data=2", "mesh.fsdp=4",
+                     "mesh.zero_stage=2", "model.num_layers=1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["layout"]["fsdp"] == 4 and out["layout"]["zero_stage"] == 2
+    assert out["memory"]["grads"] < out["memory"]["params"]  # ZeRO-2: grads split, params not
+    kinds = {(r["kind"], tuple(r["axes"])) for r in out["collectives"]}
+    assert ("all-gather", ("fsdp",)) in kinds  # updated parameters gathered over fsdp
+    assert out["roofline"]["step_s"] > 0 and out["flops"] > 0
+
+
+@pytest.mark.slow
+def test_search_ranks_layouts_and_applies_budget():
+    cfg = tiny_cfg("model.num_layers=1", "model.num_heads=8")
+    plans, rejected = planner.search(cfg, jax.devices()[:2])
+    names = [p.layout["name"] for p in plans]
+    assert len(names) == len(set(names)) == 7 and not rejected  # data=2; fsdp=2 × zero 0–3; tensor=2 ± SP
+    steps = [p.roofline["step_s"] for p in plans]
+    assert steps == sorted(steps)
+
+
+def test_hlo_stats_reads_all_replica_group_spellings_and_loop_counts():
+    """XLA writes replica groups three ways; each must map back to the same mesh axes."""
+    from jaxsys.config import MeshConfig
+    from jaxsys.parallel.mesh import make_mesh
+    mesh = make_mesh(MeshConfig(data=2, tensor=4))  # positions: data-major, tensor-minor
+    hlo = """
+%body (p: f32[4]) -> f32[4] {
+  %a = f32[8,16]{1,0} all-reduce(%p), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
+  %b = f32[8,16]{1,0} all-reduce(%p), channel_id=2, replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add
+}
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %w = f32[4] while(%x), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %c = (f32[2,4]{1,0}, f32[]) all-reduce(%x, %y), replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, to_apply=%add
+  %d = f32[4,8]{1,0} reduce-scatter(%x), replica_groups=[2,4]<=[8], dimensions={0}, to_apply=%add
+  %e = f32[16]{0} all-gather(%x), replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([2,4]T(1,0)) {'axis_0'}, dimensions={0}
+}
+"""
+    got = [(c.kind, c.axes, c.count, c.payload_bytes, c.combined) for c in hlo_stats.collectives(hlo, mesh)]
+    assert got == [("all-reduce", ("tensor",), 3, 512, 1), ("all-reduce", ("data",), 3, 512, 1),
+                   ("all-reduce", ("tensor",), 1, 32, 2), ("all-reduce", ("tensor",), 1, 4, 2),
+                   ("reduce-scatter", ("tensor",), 1, 4 * 8 * 4 * 4, 1),
+                   ("all-gather", ("tensor",), 1, 64, 1)]
