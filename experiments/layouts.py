@@ -66,9 +66,14 @@ def simulate_devices(n: int) -> None:
 
 
 def layouts(n: int) -> list[tuple[str, int, int]]:
-    """(name, data, fsdp); the 1-device layout is first and is the reference."""
-    return [("1 device", 1, 1), (f"data={n}", n, 1), (f"fsdp={n}", 1, n),
-            (f"data=2 × fsdp={n // 2}", 2, n // 2), (f"data={n // 2} × fsdp=2", n // 2, 2)]
+    """(name, data, fsdp), each once; the 1-device layout is first and is the reference.
+    (With n=4, data=2 × fsdp=n/2 and data=n/2 × fsdp=2 are the same layout.)"""
+    out = []
+    for name, d, f in [("1 device", 1, 1), (f"data={n}", n, 1), (f"fsdp={n}", 1, n),
+                       (f"data=2 × fsdp={n // 2}", 2, n // 2), (f"data={n // 2} × fsdp=2", n // 2, 2)]:
+        if (d, f) not in [(d2, f2) for _, d2, f2 in out]:
+            out.append((name, d, f))
+    return out
 
 
 def main() -> None:

@@ -33,9 +33,14 @@ import math
 import time
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-from torch.nn import functional as F
+try:
+    import torch
+    import torch.nn as nn
+    from torch.nn import functional as F
+except ImportError:  # PyTorch is not a jaxsys dependency
+    raise SystemExit("experiments/nanogpt_baseline.py needs PyTorch, which jaxsys does not install: "
+                     "pip install torch==2.13.0 (the version of docs/benchmarks.md), or see this "
+                     "file's docstring for a separate venv.") from None
 
 
 # ----------------------------------------------------------------------------- model

@@ -11,8 +11,9 @@ microbatches of `--rows` sequences) on a data=1 × pipe=p mesh and prints one ta
 - temp KiB       : per-device temp_size_in_bytes of the compiled program (memory_analysis).
 - step ms        : mean wall time of the compiled call over `--steps` calls after one warm-up.
 
-and writes one timeline PNG per schedule (last m; one row per stage, one column per tick;
-F blue, B orange, W green, idle white) to the printed directory.
+and writes one timeline PNG per schedule (last m; one labelled row per stage, one column per
+tick, numbered below; F blue, B orange, W green, idle white, with a legend) to the printed
+directory.
 
 CPU caveat: the p "devices" are XLA host devices sharing this machine's cores (and other users'
 processes), so step times are noisy and say little about real overlap; the memory and bubble
@@ -33,19 +34,87 @@ import zlib
 from jaxsys.parallel.runtime import simulate_cpu_devices  # imports no jax
 
 COLOURS = {0: (255, 255, 255), 1: (70, 120, 200), 2: (240, 150, 40), 3: (90, 170, 90)}
+LEGEND = ((1, "F forward"), (2, "B backward (input grad)"), (3, "W weight grad"), (0, "idle"))
+
+# A 3×5 pixel font (capitals, digits, a little punctuation), so the timelines need no matplotlib.
+_FONT = {c: rows.split() for c, rows in {
+    "A": ".#. #.# ### #.# #.#", "B": "##. #.# ##. #.# ##.", "C": ".## #.. #.. #.. .##",
+    "D": "##. #.# #.# #.# ##.", "E": "### #.. ##. #.. ###", "F": "### #.. ##. #.. #..",
+    "G": ".## #.. #.# #.# .##", "H": "#.# #.# ### #.# #.#", "I": "### .#. .#. .#. ###",
+    "J": "..# ..# ..# #.# .#.", "K": "#.# #.# ##. #.# #.#", "L": "#.. #.. #.. #.. ###",
+    "M": "#.# ### #.# #.# #.#", "N": "##. #.# #.# #.# #.#", "O": ".#. #.# #.# #.# .#.",
+    "P": "##. #.# ##. #.. #..", "Q": ".#. #.# #.# ### .##", "R": "##. #.# ##. #.# #.#",
+    "S": ".## #.. .#. ..# ##.", "T": "### .#. .#. .#. .#.", "U": "#.# #.# #.# #.# ###",
+    "V": "#.# #.# #.# #.# .#.", "W": "#.# #.# ### ### #.#", "X": "#.# #.# .#. #.# #.#",
+    "Y": "#.# #.# .#. .#. .#.", "Z": "### ..# .#. #.. ###", "0": "### #.# #.# #.# ###",
+    "1": ".#. ##. .#. .#. ###", "2": "##. ..# .#. #.. ###", "3": "##. ..# .#. ..# ##.",
+    "4": "#.# #.# ### ..# ..#", "5": "### #.. ##. ..# ##.", "6": ".## #.. ### #.# ###",
+    "7": "### ..# .#. .#. .#.", "8": "### #.# ### #.# ###", "9": "### #.# ### ..# ##.",
+    " ": "... ... ... ... ...", "-": "... ... ### ... ...", "=": "... ### ... ### ...",
+    "(": ".#. #.. #.. #.. .#.", ")": ".#. ..# ..# ..# .#.", ">": "#.. .#. ..# .#. #..",
+    ":": "... .#. ... .#. ...", "/": "..# ..# .#. #.. #..", ".": "... ... ... ... .#.",
+    ",": "... ... ... .#. #..",
+}.items()}
+_SCALE, _ADVANCE, _HEIGHT = 2, 8, 10  # pixels per font pixel, per character, per line
 
 
-def write_png(path: str, ops_KS, cell: int = 10) -> None:
-    """A timeline image of an executed op table [ticks, stages]: stages as rows (no matplotlib)."""
+def _text_width(text: str) -> int:
+    return len(text) * _ADVANCE
+
+
+def _draw_text(img, x: int, y: int, text: str) -> None:
+    """Black `text` (upper-cased) with its top-left corner at (x, y) of an RGB array."""
+    for i, ch in enumerate(text.upper()):
+        for r, row in enumerate(_FONT.get(ch, _FONT[" "])):
+            for c, bit in enumerate(row):
+                if bit == "#":
+                    x0, y0 = x + i * _ADVANCE + c * _SCALE, y + r * _SCALE
+                    img[y0:y0 + _SCALE, x0:x0 + _SCALE] = 0
+
+
+def write_png(path: str, ops_KS, cell: int = 10, title: str = "") -> None:
+    """A timeline image of an executed op table [ticks, stages]: one row per stage (labelled),
+    one column per tick (numbered every 10 below the axis), a title and a colour legend. Drawn
+    into an RGB array and encoded with zlib: no matplotlib needed."""
+    import numpy as np
+
     K, S = ops_KS.shape
-    rows = []
+    pad = 8
+    left = pad + _text_width(f"stage {S - 1}") + pad
+    top = pad + (_HEIGHT + pad if title else 0)
+    grid_w, grid_h = cell * K, cell * S
+    axis_y = top + grid_h + 4
+    legend_y = axis_y + 2 * (_HEIGHT + 4) + pad
+    legend_w = sum(cell + 4 + _text_width(name) + 3 * pad for _, name in LEGEND)
+    width = max(left + grid_w + pad, pad + legend_w, pad + _text_width(title) + pad)
+    height = legend_y + max(cell, _HEIGHT) + pad
+    img = np.full((height, width, 3), 255, np.uint8)
+    if title:
+        _draw_text(img, pad, pad, title)
+    img[top - 1:top + grid_h + 1, left - 1:left + grid_w + 1] = 0  # frame; grid lines stay black
     for s in range(S):
-        line = b"".join(bytes(COLOURS[int(ops_KS[t, s])]) * (cell - 1) + b"\x00\x00\x00" for t in range(K))
-        rows += [b"\x00" + line] * (cell - 1) + [b"\x00" + b"\x00" * 3 * cell * K]
+        _draw_text(img, pad, top + s * cell + (cell - _HEIGHT) // 2, f"stage {s}")
+        for t in range(K):
+            y, x = top + s * cell, left + t * cell
+            img[y:y + cell - 1, x:x + cell - 1] = COLOURS[int(ops_KS[t, s])]
+    for t in range(0, K + 1, 10):  # tick numbers under the axis
+        label = str(t)
+        x = min(left + t * cell - _text_width(label) // 2, width - _text_width(label))
+        _draw_text(img, max(x, left - _text_width(label)), axis_y, label)
+    axis = "tick (time) ->"
+    _draw_text(img, left + max(0, (grid_w - _text_width(axis)) // 2), axis_y + _HEIGHT + 4, axis)
+    x = pad
+    for op, name in LEGEND:
+        img[legend_y:legend_y + cell, x:x + cell] = 0
+        img[legend_y + 1:legend_y + cell - 1, x + 1:x + cell - 1] = COLOURS[op]
+        _draw_text(img, x + cell + 4, legend_y + (cell - _HEIGHT) // 2, name)
+        x += cell + 4 + _text_width(name) + 3 * pad
+    rows = b"".join(b"\x00" + img[y].tobytes() for y in range(height))  # filter 0 per row
+
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", cell * K, cell * S, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
     with open(path, "wb") as f:
         f.write(png)
 
@@ -104,7 +173,7 @@ def main() -> None:
             print(f"{name:<18}{m:>4}{formula:>16}{program.executed_bubble(ops):>16.4f}{prog.x_slots:>7}"
                   f"{prog.x_slots * slot_bytes / 1024:>11.0f}{temp / 1024:>10.0f}{step_ms:>9.1f}", flush=True)
         path = os.path.join(args.out, f"timeline_{name}_p{p}_m{m}.png")
-        write_png(path, ops)
+        write_png(path, ops, title=f"{name}: p={p} stages, m={m} microbatches")
         print(f"  timeline: {path}", file=sys.stderr)
     print(f"timelines written to {os.path.abspath(args.out)}")
 

@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--devices", type=int, default=0, help="simulate N CPU devices (0: real devices)")
     args = ap.parse_intermixed_args()
-    simulate_cpu_devices(args.devices)
+    simulate_cpu_devices(args.devices or None)  # 0: the real devices
 
     import jax
 

@@ -27,9 +27,10 @@ _CHUNK = 1 << 20
 class CheckpointCorrupt(RuntimeError):
     """A checkpoint step that must not be restored; the message names the step and the file."""
 
-    def __init__(self, step_dir: Path, reason: str):
+    def __init__(self, step_dir: Path, reason: str, incomplete: bool = False):
         self.step_dir = Path(step_dir)
         self.reason = reason
+        self.incomplete = incomplete  # no manifest: unfinished, or a save whose manifest is still due
         super().__init__(f"Checkpoint step {self.step_dir.name} ({self.step_dir}) is unusable: {reason}")
 
 
@@ -65,7 +66,8 @@ def verify(step_dir: str | Path) -> None:
     step_dir = Path(step_dir)
     manifest = step_dir / MANIFEST
     if not manifest.is_file():
-        raise CheckpointCorrupt(step_dir, f"no {MANIFEST}: the save did not finish (incomplete checkpoint)")
+        raise CheckpointCorrupt(step_dir, f"no {MANIFEST}: the save did not finish (incomplete checkpoint)",
+                                incomplete=True)
     try:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, TypeError) as e:

@@ -31,13 +31,14 @@ from jaxsys.model.params import path_str
 REJECTED = "rejected_checkpoints"
 
 
-def make_manager(run_dir: str | Path, cfg: CheckpointConfig) -> ocp.CheckpointManager:
-    """A `CheckpointManager` over `<run_dir>/checkpoints`."""
+def make_manager(run_dir: str | Path, cfg: CheckpointConfig, read_only: bool = False) -> ocp.CheckpointManager:
+    """A `CheckpointManager` over `<run_dir>/checkpoints`; `read_only` (sampling, evaluation) leaves
+    Orbax's tmp directories alone: a training running beside the reader may be writing one."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep,
         enable_async_checkpointing=cfg.async_save,
-        create=True,
-        cleanup_tmp_directories=True,  # leftovers of saves killed midway (never restorable)
+        create=not read_only,
+        cleanup_tmp_directories=not read_only,  # leftovers of saves killed midway (never restorable)
     )
     # The handler is named up front so `item_metadata` can read a step before any restore.
     return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=options,
@@ -118,25 +119,36 @@ def reject(run_dir: str | Path, step: int, reason: str) -> Path:
 
 
 def select_resume_step(run_dir: str | Path, log: Callable[[str], None] = print,
-                       below: int | None = None) -> tuple[int | None, list[str]]:
+                       below: int | None = None, keep_incomplete: bool = False) -> tuple[int | None, list[str]]:
     """The newest step (below `below`, if given) whose files match its manifest.
 
     Each newer step that fails `integrity.verify` is reported through `log` (step, file, reason)
-    and moved to `<run_dir>/rejected_checkpoints/`. Returns (step or None, the reports). All
-    processes must call it; process 0 checks and moves, the others wait and then read."""
+    and moved to `<run_dir>/rejected_checkpoints/`. With `keep_incomplete` (one process only: for
+    readers such as `jaxsys sample`, which may run beside a training whose newest manifest is not
+    written yet), a step without a manifest is skipped but left in place. Returns (step or None,
+    the reports). All processes must call it; process 0 checks and moves, the others wait and then
+    read."""
     reports: list[str] = []
+    chosen = None
     if jax.process_index() == 0:
         for step, path in sorted(step_dirs(run_dir).items(), reverse=True):
             if below is not None and step >= below:
                 continue
             try:
                 integrity.verify(path)
+                chosen = step
                 break
             except integrity.CheckpointCorrupt as e:
-                dest = reject(run_dir, step, str(e))
-                reports.append(f"{e}. Moved to {dest}; trying the previous checkpoint.")
+                if keep_incomplete and e.incomplete:
+                    reports.append(f"{e}; skipped (left in place: a running training may still be "
+                                   "finishing it).")
+                else:
+                    dest = reject(run_dir, step, str(e))
+                    reports.append(f"{e}. Moved to {dest}; trying the previous checkpoint.")
                 log(reports[-1])
     sync("jaxsys_select_resume_step")
+    if jax.process_count() == 1:
+        return chosen, reports
     steps = [s for s in step_dirs(run_dir) if below is None or s < below]
     return (max(steps) if steps else None), reports
 
@@ -144,9 +156,19 @@ def select_resume_step(run_dir: str | Path, log: Callable[[str], None] = print,
 def check_compatible(manager: ocp.CheckpointManager, step: int, target: Any) -> None:
     """Raise `ConfigError` naming the first parameter whose path or shape differs between the
     checkpoint's metadata and `target` (read before any array, whatever config.json says)."""
-    saved = {path_str(p): tuple(m.shape)
-             for p, m in jax.tree_util.tree_flatten_with_path(manager.item_metadata(step))[0]}
-    wanted = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+    _compare(manager, step, manager.item_metadata(step), target, "")
+
+
+def check_params_compatible(manager: ocp.CheckpointManager, step: int, params_target: Any) -> None:
+    """`check_compatible` for the `params` of a saved train state only (what sampling restores)."""
+    meta = manager.item_metadata(step)
+    _compare(manager, step, meta.get("params") if hasattr(meta, "get") else None, params_target, "params.")
+
+
+def _compare(manager: ocp.CheckpointManager, step: int, meta: Any, target: Any, prefix: str) -> None:
+    saved = {prefix + path_str(p): tuple(m.shape)
+             for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]} if meta is not None else {}
+    wanted = {prefix + path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
     if not saved:
         raise ConfigError(f"Checkpoint step {step} in {manager.directory} has no readable metadata; "
                           "is it a jaxsys checkpoint? Use a new run_dir.")

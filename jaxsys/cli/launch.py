@@ -33,8 +33,16 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def is_noise(line: str) -> bool:
+    """Gloo's per-rank connection report (one line per process per collective group: 24 lines
+    for a 2-process run), the only child output the launcher drops."""
+    return line.startswith("[Gloo] Rank ") and " is connected to " in line
+
+
 def _pump(pid: int, stream: IO[str], out: IO[str], lock: threading.Lock) -> None:
     for line in stream:
+        if is_noise(line):
+            continue
         with lock:
             out.write(f"[{pid}] {line}" if line.endswith("\n") else f"[{pid}] {line}\n")
             out.flush()
@@ -46,7 +54,8 @@ def launch(num_processes: int, command: Sequence[str], grace_seconds: float = 10
 
     Every child gets the JAXSYS_* variables (process i of N, coordinator on a free local port)
     and its own session, so a Ctrl-C at the terminal reaches the children once, through us.
-    Child output is printed line by line prefixed with ``[i]``. SIGTERM/SIGINT are forwarded
+    Child output is printed line by line prefixed with ``[i]`` (without Gloo's connection
+    reports, `is_noise`). SIGTERM/SIGINT are forwarded
     to every child (the training loop saves and exits 0). When a child exits non-zero the others
     are stopped (SIGTERM, then SIGKILL after `grace_seconds`) and its code is returned with a
     message naming it."""

@@ -1,8 +1,10 @@
 """The `jaxsys` command line.
 
-    jaxsys train [--preset NAME] [--devices N] [key=value ...]
+    jaxsys train [--preset NAME | --config FILE] [--devices N] [--quiet] [--log-format json] [key=value ...]
+    jaxsys eval --run-dir DIR [--data FILE] [--batches N] [--json]   # loss, perplexity, bits per byte
+    jaxsys plot RUN_DIR [RUN_DIR ...] [--out FILE]       # loss, val loss and lr against steps (PNG)
     jaxsys sample --run-dir DIR [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K]
-    jaxsys config [--preset NAME] [key=value ...]      # print the resolved config
+    jaxsys config [--preset NAME | --config FILE] [key=value ...]   # print the resolved config
     jaxsys plan [--preset NAME] [--devices N] [key=value ...] [--json] [--accelerator h100]
                 [--search] [--memory-budget GiB]         # per-device memory/communication, AOT
     jaxsys launch --processes N -- train [...]          # N local processes, one global mesh
@@ -17,10 +19,67 @@ import argparse
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line naming the argument (and where help is), exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(low: int):
+    """argparse `type=`: an integer ≥ `low` (so `--devices 0` or `--processes -1` is refused by
+    argparse with the argument's name, before JAX starts)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be ≥ {low}, got {value}")
+        return value
+    return parse
+
+
+def _number(low: float, inclusive: bool):
+    """argparse `type=`: a float ≥ `low` (`inclusive`) or > `low`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (value >= low if inclusive else value > low):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be {'≥' if inclusive else '>'} {low:g}, got {text}")
+        return value
+    return parse
+
+
 def _resolve(args: argparse.Namespace):
-    from jaxsys.config import apply_overrides
+    """The config: a preset or a saved config file (--config), then the overrides, then the
+    flags that stand for overrides (--quiet, --log-format)."""
+    from jaxsys.config import ConfigError, apply_overrides, from_file
     from jaxsys.config.presets import get_preset
-    return apply_overrides(get_preset(args.preset), args.overrides)
+    config_file = getattr(args, "config", None)
+    if config_file and args.preset:
+        raise ConfigError("--config and --preset are mutually exclusive: --config FILE starts from a "
+                          "saved config.json, --preset NAME from a preset; overrides apply to either.")
+    base = from_file(config_file) if config_file else get_preset(args.preset or "shakespeare")
+    flags = []
+    if getattr(args, "quiet", False):
+        flags += ["logging.progress=false", "logging.quiet=true"]
+    if getattr(args, "log_format", None):
+        flags.append(f"logging.format={args.log_format}")
+    return apply_overrides(base, [*args.overrides, *flags])
+
+
+def _plot_curves(cfg, console) -> None:
+    """<run_dir>/curves.png at the end of a run (train/ cannot import tools/, so it is drawn here)."""
+    from pathlib import Path
+    from jaxsys.tools import plot
+    if not plot.have_matplotlib():
+        console.log(f"No curves.png: matplotlib is not installed ({plot.INSTALL}).", "plot_skipped")
+        return
+    path = plot.plot_runs([cfg.run_dir], Path(cfg.run_dir) / "curves.png")
+    console.log(f"Loss curves: {path}", "plot", path=str(path))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -28,36 +87,79 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import jax
     from jaxsys.inference.sampling import sample_text
     from jaxsys.model.transformer import Transformer
+    from jaxsys.train.console import Console
     from jaxsys.train.loop import train
     result = train(cfg)
-    if cfg.logging.sample_tokens > 0 and not result.stopped_by and jax.process_count() == 1:
-        sample = sample_text(Transformer(cfg.model), result.state.params, result.tokenizer,
+    console = Console(cfg.logging)
+    if jax.process_index() == 0:
+        _plot_curves(cfg, console)
+    trained = result.final_step > result.start_step  # "Nothing to train" compiles nothing, samples nothing
+    if cfg.logging.sample_tokens > 0 and not result.stopped_by and trained and not cfg.logging.quiet:
+        params = result.state.params
+        if jax.process_count() > 1:  # every process joins the gather; process 0 samples
+            from jax.experimental import multihost_utils
+            params = multihost_utils.process_allgather(params, tiled=True)
+            if jax.process_index() != 0:
+                return 0
+        sample = sample_text(Transformer(cfg.model), params, result.tokenizer,
                              cfg.logging.sample_prompt, cfg.logging.sample_tokens, seed=cfg.train.seed)
-        print("-" * 60 + "\n" + sample + "\n" + "-" * 60, flush=True)
+        if console.json:
+            console.log(sample, "sample")
+        else:
+            print("-" * 60 + "\n" + sample + "\n" + "-" * 60, flush=True)
     return 0
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from jaxsys.config import to_json
-    print(to_json(_resolve(args)))
+    from jaxsys.config import to_json, validate
+    cfg = _resolve(args)
+    validate(cfg)  # a config that cannot train is an error here too, not a silent printout
+    print(to_json(cfg))
     return 0
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from jaxsys.inference.load import load_for_sampling
-    from jaxsys.inference.sampling import sample_text
-    _, model, params, tokenizer = load_for_sampling(args.run_dir)
-    print(sample_text(model, params, tokenizer, args.prompt, args.max_new_tokens,
+    from jaxsys.data.tokenizers import IdTokenizer
+    from jaxsys.inference.load import load_params, read_run
+    from jaxsys.inference.sampling import check_sampling, sample_text
+    from jaxsys.model.transformer import Transformer
+    cfg, tokenizer = read_run(args.run_dir)
+    check_sampling(tokenizer, cfg.model.vocab_size, args.prompt, args.max_new_tokens, args.temperature,
+                   args.top_k)  # before any checkpoint is read
+    _, params = load_params(args.run_dir, cfg)
+    if isinstance(tokenizer, IdTokenizer):
+        print("jaxsys sample: this run has no tokenizer (its .bin had none beside it): the prompt and "
+              "the sample are token ids.", file=sys.stderr, flush=True)
+    print(sample_text(Transformer(cfg.model), params, tokenizer, args.prompt, args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, seed=args.seed))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from jaxsys.inference.evaluate import evaluate_run, format_result
+    result = evaluate_run(args.run_dir, args.data, args.batches)
+    print(json.dumps(result.to_json(), indent=1) if args.json else format_result(result))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from jaxsys.tools.plot import plot_runs
+    out = args.out or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1 else "curves.png")
+    print(f"Wrote {plot_runs(args.run_dirs, out)}")
     return 0
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
     from jaxsys.cli.launch import launch
     rest = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    example = "e.g. jaxsys launch --processes 2 -- train --devices 4 mesh.data=8"
     if not rest:
-        raise SystemExit("jaxsys launch: give the command after --, e.g. "
-                         "jaxsys launch --processes 2 -- train --devices 4 mesh.data=8")
+        args.parser.error(f"give the jaxsys command after --, {example}")
+    if rest[0] not in args.commands or rest[0] == "launch":
+        args.parser.error(f"{rest[0]!r} is not a jaxsys command to launch (one of "
+                          f"{', '.join(c for c in args.commands if c != 'launch')}); {example}")
     return launch(args.processes, [sys.executable, "-m", "jaxsys", *rest])
 
 
@@ -67,7 +169,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = _resolve(args)
     if args.search:
         budget = args.memory_budget * 2**30 if args.memory_budget else None
-        plans, rejected = planner.search(cfg, accelerator=args.accelerator, memory_budget=budget)
+        progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.json else None
+        plans, rejected = planner.search(cfg, accelerator=args.accelerator, memory_budget=budget,
+                                         progress=progress)
         print(json.dumps({"ranked": [p.to_json() for p in plans], "rejected": rejected}, indent=1)
               if args.json else planner.format_search(plans, rejected))
         return 0
@@ -77,17 +181,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxsys", description="Functional training and parallelism in JAX.")
+    parser = _Parser(prog="jaxsys", description="Functional training and parallelism in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("train", "train (or resume) a language model"),
                             ("config", "print the resolved config as JSON"),
                             ("plan", "compile the train step ahead of time and report per-device "
                                      "memory, collectives and a roofline step time")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--preset", default="shakespeare",
+        p.add_argument("--preset", default=None,
                        help="shakespeare (default), tiny, gpt2-small or llama-1b")
-        p.add_argument("--devices", type=int, default=None,
-                       help="simulate N CPU devices (sets XLA's host device count)")
+        p.add_argument("--config", default=None, metavar="FILE",
+                       help="start from a saved config (a run's config.json) instead of a preset; "
+                            "overrides still apply")
+        p.add_argument("--devices", type=_count(1), default=None,
+                       help="simulate N ≥ 1 CPU devices (sets XLA's host device count)")
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="e.g. mesh.fsdp=4 train.steps=500 run_dir=runs/x")
         if name == "plan":
@@ -95,44 +202,94 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--accelerator", default="h100", help="roofline target: h100, h200 or a100")
             p.add_argument("--search", action="store_true",
                            help="plan every valid data × fsdp × tensor × ZeRO × SP layout and rank them")
-            p.add_argument("--memory-budget", type=float, default=None, metavar="GiB",
+            p.add_argument("--memory-budget", type=_number(0, inclusive=False), default=None, metavar="GiB",
                            help="--search: drop layouts whose peak bytes per device exceed this "
                                 "(default: the accelerator's memory)")
         if name == "train":
             p.add_argument("--distributed", action="store_true",
                            help="one of several processes: jax.distributed.initialize() detects "
                                 "SLURM / Open MPI / Kubernetes (also JAXSYS_DISTRIBUTED=1)")
+            p.add_argument("--quiet", action="store_true",
+                           help="no progress bar or sample: only warnings, errors and the final line "
+                                "(logging.quiet=true logging.progress=false)")
+            p.add_argument("--log-format", choices=("text", "json"), default=None,
+                           help="json: each line a JSON object with an \"event\" key, on stdout "
+                                "(logging.format)")
     p = sub.add_parser("launch", help="run a command as N local processes of one JAX job")
-    p.add_argument("--processes", type=int, required=True, help="number of processes")
+    p.add_argument("--processes", type=_count(1), required=True, help="number of processes (≥ 1)")
     p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- train ...",
                    help="the jaxsys command each process runs (its --devices is per process)")
     p = sub.add_parser("sample", help="generate text from a run's latest checkpoint")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--prompt", default="ROMEO:")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-dir", required=True, help="the run_dir of a `jaxsys train` (its config.json, "
+                   "tokenizer.json and checkpoints/; the newest intact checkpoint is used)")
+    p.add_argument("--prompt", default="ROMEO:", help="text the sample continues (default: ROMEO:)")
+    p.add_argument("--max-new-tokens", type=_count(0), default=200,
+                   help="tokens to generate after the prompt, ≥ 0 (default: 200)")
+    p.add_argument("--temperature", type=_number(0, inclusive=True), default=0.8,
+                   help="softmax temperature, ≥ 0; 0 is greedy decoding (default: 0.8)")
+    p.add_argument("--top-k", type=_count(0), default=0,
+                   help="sample only among the K likeliest tokens; 0 keeps all (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default: 0)")
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run's latest checkpoint")
+    p.add_argument("--run-dir", required=True, help="the run_dir of a `jaxsys train`")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="a text file to evaluate on, all of it, in consecutive windows of model.seq_len "
+                        "tokens (default: the run's val split, the batches training evaluates on)")
+    p.add_argument("--batches", type=_count(1), default=None, metavar="N",
+                   help="evaluate the first N batches of train.batch_size windows only (default: "
+                        "train.eval_batches on the val split, all of a --data file)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = sub.add_parser("plot", help="loss, val loss and learning rate of runs against steps, as a PNG")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (their metrics.jsonl)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="the PNG to write (default: RUN_DIR/curves.png for one run, ./curves.png for several)")
+    parser.set_defaults(commands=sub.choices)  # every subcommand's parser, for main and launch
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from jaxsys.parallel.runtime import initialize, simulate_cpu_devices
-    simulate_cpu_devices(getattr(args, "devices", None))
-    if args.command == "launch":
-        return _cmd_launch(args)
-    if args.command == "train":
-        initialize(args.devices, flag=args.distributed)
-    from jaxsys.config import ConfigError
-    from jaxsys.train.loop import TrainingError
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags may come anywhere among the overrides (`train.steps=2 --devices 2 run_dir=x`):
+    every subcommand but `launch` (whose `-- ...` tail is kept verbatim) parses intermixed."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = parser.get_default("commands")
+    if argv and argv[0] in commands and argv[0] != "launch":
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+    else:
+        args = parser.parse_args(argv)
+    args.commands, args.parser = commands, commands.get(args.command, parser)
+    return args
+
+
+def _who() -> str:
+    """" (process i of N)" in a multi-process job, else ""; never starts a JAX backend itself."""
+    if "jax" not in sys.modules:
+        return ""
     try:
-        return {"train": _cmd_train, "config": _cmd_config, "sample": _cmd_sample,
-                "plan": _cmd_plan}[args.command](args)
-    except (ConfigError, FileNotFoundError, TrainingError) as e:
         import jax
-        who = f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""
-        print(f"jaxsys: error{who}: {e}", file=sys.stderr)
+        return f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""
+    except Exception:  # noqa: BLE001 - the backend itself failed: the error says why
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from jaxsys.config import ConfigError
+    from jaxsys.parallel.runtime import initialize, simulate_cpu_devices
+    try:
+        simulate_cpu_devices(getattr(args, "devices", None))
+        if args.command == "launch":
+            return _cmd_launch(args)
+        if args.command == "train":
+            initialize(args.devices, flag=args.distributed)
+        return {"train": _cmd_train, "config": _cmd_config, "sample": _cmd_sample, "plan": _cmd_plan,
+                "eval": _cmd_eval, "plot": _cmd_plot}[args.command](args)
+    except Exception as e:
+        loop = sys.modules.get("jaxsys.train.loop")  # TrainingError, if training got that far
+        if not isinstance(e, (ConfigError, FileNotFoundError)) and not (loop and isinstance(e, loop.TrainingError)):
+            raise
+        print(f"jaxsys: error{_who()}: {e}", file=sys.stderr)
         return 2
 
 

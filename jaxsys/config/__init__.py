@@ -12,12 +12,13 @@ The schema, overrides and checks are re-exported here: ``from jaxsys.config impo
 """
 
 from jaxsys.config.checks import validate
-from jaxsys.config.overrides import all_keys, apply_overrides, from_dict, suggest, to_dict, to_json
+from jaxsys.config.overrides import (all_keys, apply_overrides, from_dict, from_file, suggest, to_dict,
+                                     to_json)
 from jaxsys.config.schema import (CheckpointConfig, Config, ConfigError, DataConfig, FaultsConfig,
                                   LoggingConfig, LRScheduleConfig, MeshConfig, ModelConfig,
                                   OptimizerConfig, PipelineConfig, TrainConfig)
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "FaultsConfig", "LoggingConfig",
            "LRScheduleConfig", "MeshConfig", "ModelConfig", "OptimizerConfig", "PipelineConfig",
-           "TrainConfig", "all_keys", "apply_overrides", "from_dict", "suggest", "to_dict", "to_json",
-           "validate"]
+           "TrainConfig", "all_keys", "apply_overrides", "from_dict", "from_file", "suggest", "to_dict",
+           "to_json", "validate"]

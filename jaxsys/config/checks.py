@@ -5,10 +5,68 @@ axis sizes) are in `jaxsys.parallel.layout`.
 
 from __future__ import annotations
 
+import math
+
+from jaxsys.config.overrides import all_keys, suggest
 from jaxsys.config.schema import Config, ConfigError
 
+
+def _validate_ranges(cfg: Config) -> None:
+    """Numbers outside their meaningful range (a negative learning rate trains, to a loss of 154;
+    zero heads divides by zero): each names the key, the allowed range and the value."""
+    m, o, s, t, g = cfg.model, cfg.optimizer, cfg.lr_schedule, cfg.train, cfg.logging
+    at_least = (("model.vocab_size", m.vocab_size, 1), ("model.embed_dim", m.embed_dim, 1),
+                ("model.num_heads", m.num_heads, 1), ("model.num_kv_heads", m.num_kv_heads, 0),
+                ("model.head_dim", m.head_dim, 0), ("model.mlp_dim", m.mlp_dim, 0),
+                ("train.grad_accum", t.grad_accum, 1), ("train.batch_size", t.batch_size, 1),
+                ("lr_schedule.warmup_steps", s.warmup_steps, 0),
+                ("lr_schedule.decay_steps", s.decay_steps, 0),
+                ("lr_schedule.transition_steps", s.transition_steps, 1),
+                ("logging.sample_tokens", g.sample_tokens, 0),
+                ("optimizer.weight_decay", o.weight_decay, 0.0), ("optimizer.grad_clip", o.grad_clip, 0.0),
+                ("lr_schedule.step_factor", s.step_factor, 0.0))
+    for key, value, low in at_least:
+        if not value >= low:  # also catches nan
+            raise ConfigError(f"{key} must be ≥ {low}, got {value}.")
+    finite = (("optimizer.lr", o.lr), ("optimizer.weight_decay", o.weight_decay),
+              ("optimizer.grad_clip", o.grad_clip), ("lr_schedule.step_factor", s.step_factor),
+              ("model.rope_theta", m.rope_theta), ("model.dropout", m.dropout))
+    for key, value in finite:
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}.")
+    above_zero = (("optimizer.lr", o.lr, "the peak learning rate"), ("optimizer.eps", o.eps, "AdamW's ε"),
+                  ("model.norm_eps", m.norm_eps, "the norms' ε"), ("model.rope_theta", m.rope_theta, "RoPE's base"),
+                  ("lr_schedule.decay_rate", s.decay_rate, "the exponential decay factor"))
+    for key, value, what in above_zero:
+        if not value > 0:  # also catches nan
+            raise ConfigError(f"{key} ({what}) must be > 0, got {value}.")
+    for key, value in (("optimizer.b1", o.b1), ("optimizer.b2", o.b2)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {value} (AdamW's moment decay; typical "
+                              "0.9 and 0.95–0.999).")
+    for key, value in (("lr_schedule.min_lr_ratio", s.min_lr_ratio),
+                       ("lr_schedule.decay_fraction", s.decay_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key} must be in [0, 1], got {value}.")
+    if list(s.step_boundaries) != sorted(set(s.step_boundaries)) or any(b < 1 for b in s.step_boundaries):
+        raise ConfigError(f"lr_schedule.step_boundaries must be increasing steps ≥ 1, got "
+                          f"{','.join(map(str, s.step_boundaries))}.")
+    for key, steps in (("faults.nan_steps", cfg.faults.nan_steps), ("faults.nan_batches", cfg.faults.nan_batches)):
+        if any(k < 0 for k in steps):
+            raise ConfigError(f"{key} must be step numbers ≥ 0, got {','.join(map(str, steps))}.")
+    unknown = [k for k in cfg.checkpoint.allow_changes if k not in all_keys()]
+    if unknown:
+        raise ConfigError(f"checkpoint.allow_changes: unknown config key '{unknown[0]}'."
+                          f"{suggest(unknown[0], all_keys())}")
+    for axis in ("data", "fsdp", "tensor", "pipe"):
+        size = getattr(cfg.mesh, axis)
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{axis}={size} is invalid; axis sizes are ≥ 1 (or -1 for 'the rest').")
+
+
 def validate(cfg: Config) -> None:
-    """Checks that need no devices: shapes that cannot work raise `ConfigError`."""
+    """Checks that need no devices: shapes and numbers that cannot work raise `ConfigError`."""
+    _validate_ranges(cfg)
     m = cfg.model.resolved()
     if cfg.model.embed_dim % m.num_heads and not cfg.model.head_dim:
         raise ConfigError(
@@ -55,6 +113,26 @@ def validate(cfg: Config) -> None:
     _validate_pipeline(cfg)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}.")
+    _validate_logging(cfg)
+
+
+TRACKERS = ("wandb", "swanlab")
+
+
+def _validate_logging(cfg: Config) -> None:
+    """Console format, trackers and profiled steps (a config file is not parsed like overrides)."""
+    g = cfg.logging
+    if g.format not in ("text", "json"):
+        raise ConfigError(f"logging.format={g.format!r} is not one of ['text', 'json'].")
+    unknown = [t for t in g.trackers if t not in TRACKERS]
+    if unknown or len(set(g.trackers)) != len(g.trackers):
+        raise ConfigError(f"logging.trackers={','.join(map(str, g.trackers))} must name each of "
+                          f"{', '.join(TRACKERS)} at most once.")
+    if g.tracker_mode not in ("offline", "online"):
+        raise ConfigError(f"logging.tracker_mode={g.tracker_mode!r} is not one of ['offline', 'online'].")
+    if g.profile_steps and (min(g.profile_steps) < 1 or max(g.profile_steps) > cfg.train.steps):
+        raise ConfigError(f"logging.profile_steps={','.join(map(str, g.profile_steps))} must be steps in "
+                          f"1..train.steps={cfg.train.steps} (the trace covers the first to the last).")
 
 
 def _validate_pipeline(cfg: Config) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 from jaxsys.config.schema import Config, ConfigError
@@ -115,20 +116,64 @@ def to_json(cfg: Config) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 
 
-def from_dict(data: dict[str, Any], cls: type = Config) -> Any:
-    """Rebuild a config from `to_dict` output (e.g. a run's config.json); unknown keys are errors."""
+def _typed(key: str, value: Any, hint: Any) -> Any:
+    """A JSON `value` checked against the type `hint` (a config file may hold anything)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if not isinstance(value, str) or value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {list(choices)}.")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} is not a list.")
+        (elem, _) = typing.get_args(hint)
+        return tuple(_typed(key, v, elem) for v in value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} is not a boolean; use true or false.")
+    if hint is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{key}={value!r} is not a valid int.")
+    if hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not a valid float.")
+        return float(value)
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{key}={value!r} is not a string.")
+    return value
+
+
+def from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
+    """Rebuild a config from `to_dict` output (e.g. a run's config.json). Unknown keys and
+    ill-typed values raise `ConfigError` naming the dotted key; missing keys keep their defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'the config'}' must be a JSON object, got {data!r}.")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
+        full_key = prefix + str(key)
         if key not in hints:
-            raise ConfigError(f"Unknown config key '{key}' in {cls.__name__}.")
+            raise _unknown(full_key)
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(value, hint)
-        elif typing.get_origin(hint) is tuple:
-            kwargs[key] = tuple(value)
+            kwargs[key] = from_dict(value, hint, full_key + ".")
         else:
-            kwargs[key] = value
+            kwargs[key] = _typed(full_key, value, hint)
     return cls(**kwargs)
 
 
+def from_file(path: str | Path) -> Config:
+    """The config saved in a JSON file (e.g. a run's config.json). Any problem with the file is
+    one `ConfigError` that names it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"Config file {path}: cannot read it ({e.strerror or e}).") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"Config file {path} is not UTF-8 text.") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"Config file {path} is not valid JSON: {e.msg} at line {e.lineno} "
+                          f"column {e.colno}.") from None
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"Config file {path}: {e}") from None

@@ -176,14 +176,29 @@ class CheckpointConfig:
     keep: int = 3
     async_save: bool = True
     resume: bool = True
+    # Keys that may differ from the run's config.json on resume although they change what its
+    # checkpoints mean (e.g. data.source, to continue them on other data); see train/run_dir.py.
+    allow_changes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
+    """What a run prints and where its metrics go (besides `<run_dir>/metrics.jsonl`)."""
+
     tensorboard: bool = True
     progress: bool = True
     sample_tokens: int = 200  # generated after training; 0 disables
     sample_prompt: str = "ROMEO:"
+    # Console lines: "text", or "json" (one JSON object per line on stdout, with an "event" key;
+    # no progress bar). `quiet` prints only warnings, errors and the final line.
+    format: Literal["text", "json"] = "text"
+    quiet: bool = False
+    # Experiment trackers written beside TensorBoard (optional extras: pip install -e ".[wandb]").
+    trackers: tuple[Literal["wandb", "swanlab"], ...] = ()
+    tracker_project: str = "jaxsys"
+    tracker_mode: Literal["offline", "online"] = "offline"  # offline: files in the run_dir, sync later
+    # A jax.profiler trace of loop steps min..max (1-based, as in metrics.jsonl) in <run_dir>/profile.
+    profile_steps: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

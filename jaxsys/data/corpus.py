@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxsys.config import Config, ConfigError, DataConfig
-from jaxsys.data.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, tokenizer_from_json
+from jaxsys.data.tokenizers import ByteTokenizer, CharTokenizer, IdTokenizer, Tokenizer, tokenizer_from_json
 
 
 def shakespeare_text() -> str:
@@ -31,26 +31,64 @@ class Corpus:
     tokenizer: Tokenizer
 
 
+def _source_file(cfg: DataConfig, what: str) -> Path:
+    """`data.source` as a readable, non-empty file, or a `ConfigError` saying what it is instead."""
+    path = Path(cfg.source)
+    where = f"data.source={cfg.source!r}"
+    if not path.exists():
+        raise ConfigError(f"{where}: file not found; use 'shakespeare', a UTF-8 text file, or a .bin "
+                          "file of uint16 token ids.")
+    if path.is_dir():
+        raise ConfigError(f"{where} is a directory; give {what} file inside it.")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{where} cannot be read ({e.strerror}).") from None
+    if size == 0:
+        raise ConfigError(f"{where} is empty (0 bytes); give {what} file with data in it.")
+    return path
+
+
+def _bin_tokens(cfg: DataConfig) -> tuple[np.ndarray, Tokenizer]:
+    path = _source_file(cfg, "a .bin")
+    size = path.stat().st_size
+    if size % 2:
+        raise ConfigError(f"data.source={cfg.source!r} has {size:,} bytes, not a whole number of uint16 "
+                          "tokens (2 bytes each); is it a nanoGPT-style .bin of uint16 token ids?")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    meta = path.with_suffix(".json")
+    if not meta.exists():  # no tokenizer: ids are shown as ids, not decoded as bytes
+        return tokens, IdTokenizer()
+    try:  # {"kind": "char", "chars": ...} written next to the tokens
+        return tokens, tokenizer_from_json(json.loads(meta.read_text(encoding="utf-8")))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{meta} (the tokenizer beside data.source) is not a valid tokenizer file "
+                          f"({str(e).splitlines()[0]}); fix it, or remove it to train on plain ids.") from None
+
+
+def _text(cfg: DataConfig) -> str:
+    if cfg.source == "shakespeare":
+        return shakespeare_text()
+    path = _source_file(cfg, "a text")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"data.source={cfg.source!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at "
+                          f"offset {e.start:,}); convert it to UTF-8, or give a .bin file of uint16 "
+                          "token ids.") from None
+
+
 def load_corpus(cfg: DataConfig) -> Corpus:
-    """Read `cfg.source`: ``shakespeare``, a text file, or a ``.bin`` of uint16 tokens (memmapped)."""
+    """Read `cfg.source`: ``shakespeare``, a UTF-8 text file, or a ``.bin`` of uint16 tokens
+    (memory-mapped; with the tokenizer in ``<name>.json`` beside it if there is one, else the
+    ids stay ids: `IdTokenizer`). Raises `ConfigError` on a missing, empty or unreadable source."""
     if cfg.source.endswith(".bin"):
-        path = Path(cfg.source)
-        if not path.exists():
-            raise ConfigError(f"data.source={cfg.source!r}: file not found.")
-        tokens = np.memmap(path, dtype=np.uint16, mode="r")
-        tokenizer: Tokenizer = ByteTokenizer()
-        meta = path.with_suffix(".json")
-        if meta.exists():  # optional {"kind": "char", "chars": ...} written next to the tokens
-            tokenizer = tokenizer_from_json(json.loads(meta.read_text()))
+        tokens, tokenizer = _bin_tokens(cfg)
     else:
-        if cfg.source == "shakespeare":
-            text = shakespeare_text()
-        else:
-            path = Path(cfg.source)
-            if not path.exists():
-                raise ConfigError(f"data.source={cfg.source!r}: file not found; use 'shakespeare', "
-                                  "a text file, or a .bin token file.")
-            text = path.read_text(encoding="utf-8")
+        text = _text(cfg)
         tokenizer = ByteTokenizer() if cfg.tokenizer == "byte" else CharTokenizer.from_text(text)
         tokens = tokenizer.encode(text)
     split = int(len(tokens) * (1.0 - cfg.val_fraction))
@@ -63,18 +101,20 @@ def check_corpus(cfg: Config, corpus: Corpus) -> None:
     if corpus.tokenizer.vocab_size > m.vocab_size:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
                           f"{corpus.tokenizer.vocab_size}; set model.vocab_size={corpus.tokenizer.vocab_size}.")
+    for split, tokens in (("train", corpus.train), ("validation", corpus.val)):
+        if len(tokens) < m.seq_len + 2:
+            raise ConfigError(
+                f"The {split} split has {len(tokens)} tokens of data.source={cfg.data.source!r}, fewer "
+                f"than model.seq_len+2={m.seq_len + 2}; use more data, a shorter model.seq_len, or "
+                "another data.val_fraction."
+            )
     top = int(max(corpus.train.max(), corpus.val.max()))
     if top >= m.vocab_size:
         raise ConfigError(f"data.source={cfg.data.source!r} contains token id {top}, but "
                           f"model.vocab_size={m.vocab_size}; set model.vocab_size above {top}.")
-    for split, tokens in (("train", corpus.train), ("validation", corpus.val)):
-        if len(tokens) < m.seq_len + 2:
-            raise ConfigError(
-                f"The {split} split has {len(tokens)} tokens, fewer than model.seq_len+2={m.seq_len + 2}; "
-                "use more data, a shorter model.seq_len, or another data.val_fraction."
-            )
     if cfg.logging.sample_tokens > 0:
         try:
             corpus.tokenizer.encode(cfg.logging.sample_prompt)
         except ValueError as e:
-            raise ConfigError(f"logging.sample_prompt={cfg.logging.sample_prompt!r}: {e}.") from None
+            off = "; or set logging.sample_tokens=0" if isinstance(corpus.tokenizer, IdTokenizer) else ""
+            raise ConfigError(f"logging.sample_prompt={cfg.logging.sample_prompt!r}: {e}{off}.") from None

@@ -1,4 +1,5 @@
-"""Tokenizers: bytes (vocabulary 256) and characters (one id per distinct character).
+"""Tokenizers: bytes (vocabulary 256), characters (one id per distinct character), and plain
+token ids (a ``.bin`` corpus with no tokenizer beside it: ids are shown as numbers, not guessed).
 
 Each has `encode(text) -> int32 ids`, `decode(ids) -> text`, `vocab_size` and a JSON form
 (`to_json` / `tokenizer_from_json`) saved in a run directory beside the checkpoints.
@@ -49,8 +50,39 @@ class CharTokenizer:
         return {"kind": "char", "chars": self.chars}
 
 
-Tokenizer = ByteTokenizer | CharTokenizer
+class IdTokenizer:
+    """No tokenizer: the token ids of a ``.bin`` corpus whose tokenizer jaxsys does not have.
+
+    Decoding them as bytes would print garbage, so text is the ids themselves, separated by
+    spaces, both ways: a prompt is ``"464 2068"``. `vocab_size` 0 means unknown (the model's)."""
+
+    vocab_size = 0
+    HELP = ("this run has no tokenizer (a .bin corpus without one beside it), so text is token ids: "
+            "give the prompt as ids separated by spaces, e.g. '0 1 2'")
+
+    def encode(self, text: str) -> np.ndarray:
+        try:
+            return np.array([int(x) for x in text.split()], dtype=np.int32)
+        except ValueError:
+            raise ValueError(self.HELP) from None
+
+    def decode(self, ids: np.ndarray | list[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def to_json(self) -> dict:
+        return {"kind": "ids"}
+
+
+Tokenizer = ByteTokenizer | CharTokenizer | IdTokenizer
 
 
 def tokenizer_from_json(data: dict) -> Tokenizer:
-    return ByteTokenizer() if data["kind"] == "byte" else CharTokenizer(data["chars"])
+    """The tokenizer of a `to_json` dict; raises ValueError on anything else."""
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "ids":
+        return IdTokenizer()
+    if kind == "char" and isinstance(data.get("chars"), str) and data["chars"]:
+        return CharTokenizer(data["chars"])
+    raise ValueError(f"not a tokenizer: expected {{'kind': 'byte' | 'char' | 'ids', ...}}, got {str(data)[:80]}")

@@ -1,38 +1,97 @@
-"""Loading a run directory for generation: its config, tokenizer and newest parameters.
+"""Loading a run directory for generation: its config, tokenizer and newest usable parameters.
 
 Only the parameters are wanted, on one device, so nothing of training is built: the config and
 tokenizer come from the run's JSON files, the parameter shapes from the model, and
-`checkpoint.manager.restore_params` reads the `params` of the saved train state.
+`checkpoint.manager.restore_params` reads the `params` of the saved train state. The step is
+chosen as training chooses it (`select_resume_step`: the newest whose files match their
+manifest; damaged ones are moved to `rejected_checkpoints/`), and its metadata is compared with
+the model of config.json before any array is read.
 """
 
 from __future__ import annotations
 
-import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
-from jaxsys import config as config_lib
 from jaxsys.checkpoint import manager as ckpt
-from jaxsys.config import Config
+from jaxsys.checkpoint import run_files
+from jaxsys.config import Config, ConfigError
 from jaxsys.data.tokenizers import Tokenizer, tokenizer_from_json
 from jaxsys.model.transformer import Transformer, abstract_params
 
 
-def load_for_sampling(run_dir: str | Path) -> tuple[Config, Transformer, Any, Tokenizer]:
-    """(config, model, params, tokenizer) of the latest checkpoint in `run_dir`, on one device."""
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class LoadedRun:
+    """A run directory's config, model, newest usable parameters (on one device) and tokenizer."""
+
+    cfg: Config
+    model: Transformer
+    params: Any
+    tokenizer: Tokenizer
+    step: int  # the loaded checkpoint's step
+
+
+def read_run(run_dir: str | Path) -> tuple[Config, Tokenizer]:
+    """(config, tokenizer) of a run directory, from its JSON files; errors name the file."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise FileNotFoundError(f"{run_dir}/config.json not found: is {run_dir} a jaxsys run directory?")
-    cfg = config_lib.from_dict(json.loads((run_dir / "config.json").read_text()))
-    tokenizer = tokenizer_from_json(json.loads((run_dir / "tokenizer.json").read_text()))
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} not found; give the run_dir of a `jaxsys train`.")
+    cfg = run_files.read_config(run_dir)
+    tok_path = run_dir / run_files.TOKENIZER
+    if not tok_path.exists():
+        raise FileNotFoundError(f"{tok_path} not found: is {run_dir} a jaxsys run directory?")
+    try:
+        tokenizer = tokenizer_from_json(run_files.read_json(tok_path))
+    except ValueError as e:
+        raise ConfigError(f"{tok_path}: {str(e).splitlines()[0]}; restore it, or run the training "
+                          "command again to rewrite it.") from None
+    return cfg, tokenizer
+
+
+def load_params(run_dir: str | Path, cfg: Config, log: Callable[[str], None] = _stderr) -> tuple[int, Any]:
+    """(step, params on one device) of the newest usable checkpoint of `run_dir`, whose metadata
+    must match `cfg.model`. What it set aside and which step it loaded go to `log`."""
+    run_dir = Path(run_dir)
+    if not ckpt.step_dirs(run_dir):
+        raise FileNotFoundError(f"No checkpoint in {run_dir / 'checkpoints'}; train first (checkpoint.every > 0).")
+    step, _ = ckpt.select_resume_step(run_dir, log, keep_incomplete=True)
+    if step is None:
+        raise FileNotFoundError(f"No usable checkpoint left in {run_dir / 'checkpoints'} (see the lines "
+                                f"above and {run_dir / ckpt.REJECTED}).")
     params, _ = abstract_params(cfg.model)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), params)
-    manager = ckpt.make_manager(run_dir, cfg.checkpoint)
+    manager = ckpt.make_manager(run_dir, cfg.checkpoint, read_only=True)
     try:
-        _, params = ckpt.restore_params(manager, target)
+        ckpt.check_params_compatible(manager, step, target)  # config.json against the checkpoint
+        _, params = ckpt.restore_params(manager, target, step)
     finally:
         manager.close()
-    return cfg, Transformer(cfg.model), params, tokenizer
+    log(f"Loaded checkpoint step {step} from {run_dir / 'checkpoints'}")
+    return step, params
+
+
+def load_run(run_dir: str | Path, log: Callable[[str], None] = _stderr) -> LoadedRun:
+    """The newest usable checkpoint in `run_dir`, on one device, with its config and tokenizer.
+    What it set aside and which step it loaded go to `log` (stderr: stdout is the sample).
+    Raises FileNotFoundError / ConfigError with one line naming the file or step."""
+    cfg, tokenizer = read_run(run_dir)
+    step, params = load_params(run_dir, cfg, log)
+    return LoadedRun(cfg, Transformer(cfg.model), params, tokenizer, int(step))
+
+
+def load_for_sampling(run_dir: str | Path, log: Callable[[str], None] = _stderr
+                      ) -> tuple[Config, Transformer, Any, Tokenizer]:
+    """(config, model, params, tokenizer) of the newest usable checkpoint in `run_dir`, on one
+    device (`load_run` as a tuple). Raises FileNotFoundError / ConfigError with one line naming
+    the file or step."""
+    run = load_run(run_dir, log)
+    return run.cfg, run.model, run.params, run.tokenizer

@@ -54,16 +54,31 @@ def generate(model: Transformer, params: Any, prompt_P: jax.Array, key: jax.Arra
     return buf[:total]
 
 
-def sample_text(model: Transformer, params: Any, tokenizer: Tokenizer, prompt: str,
-                max_new_tokens: int, temperature: float = 0.8, top_k: int = 0, seed: int = 0) -> str:
-    """Decode `max_new_tokens` tokens after `prompt` with `generate`, on one device."""
-    params = jax.device_put(params, jax.devices()[0])  # sampling is small: one device
+def check_sampling(tokenizer: Tokenizer, vocab_size: int, prompt: str, max_new_tokens: int,
+                   temperature: float, top_k: int) -> np.ndarray:
+    """The prompt's ids; `ConfigError` for settings that cannot sample (checked before any
+    parameter is read). `vocab_size` is the model's (used when the tokenizer's is unknown)."""
     try:
         prompt_ids = tokenizer.encode(prompt or "\n")
     except ValueError as e:
         raise ConfigError(f"Prompt {prompt!r} cannot be encoded: {e}.") from None
-    if not 0 <= top_k <= tokenizer.vocab_size:
-        raise ConfigError(f"top_k={top_k} must be between 0 (off) and the vocabulary size {tokenizer.vocab_size}.")
+    vocab = tokenizer.vocab_size or vocab_size  # 0: plain ids, the model's vocabulary
+    if not 0 <= top_k <= vocab:
+        raise ConfigError(f"top_k={top_k} must be between 0 (off) and the vocabulary size {vocab}.")
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be ≥ 0.")
+    if not temperature >= 0:
+        raise ConfigError(f"temperature={temperature} must be ≥ 0 (0 is greedy decoding).")
+    if len(prompt_ids) == 0:
+        raise ConfigError(f"Prompt {prompt!r} encodes to no tokens; give some text (or token ids).")
+    return prompt_ids
+
+
+def sample_text(model: Transformer, params: Any, tokenizer: Tokenizer, prompt: str,
+                max_new_tokens: int, temperature: float = 0.8, top_k: int = 0, seed: int = 0) -> str:
+    """Decode `max_new_tokens` tokens after `prompt` with `generate`, on one device."""
+    prompt_ids = check_sampling(tokenizer, model.cfg.vocab_size, prompt, max_new_tokens, temperature, top_k)
+    params = jax.device_put(params, jax.devices()[0])  # sampling is small: one device
     ids = generate(model, params, jnp.asarray(prompt_ids), jax.random.key(seed),
                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                    num_tokens=tokenizer.vocab_size)

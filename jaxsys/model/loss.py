@@ -29,3 +29,9 @@ def loss(model: Transformer, params: Any, batch: Batch, dropout_key: jax.Array |
         logits_BTV = model.clone(deterministic=False).apply(
             {"params": params}, batch["inputs"], rngs={"dropout": dropout_key})
     return mean_cross_entropy(logits_BTV, batch["targets"])
+
+
+def token_losses(model: Transformer, params: Any, inputs_BT: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """Next-token cross-entropy at every position, in nats, float32 [B, T] (no dropout): for
+    evaluations that mask padding or add up nats instead of averaging per batch."""
+    return hooks.cross_entropy(model.apply({"params": params}, inputs_BT), targets_BT)

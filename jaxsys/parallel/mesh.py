@@ -22,9 +22,20 @@ MESH_AXES = ("pipe", "data", "fsdp", "tensor")
 DATA_AXES = ("data", "fsdp")  # the batch dimension is split over both
 
 
-def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+def _cpu_hint(fixed: int, processes: int) -> str:
+    """How to get `fixed` simulated CPU devices, counting every process's (`--devices` is per process)."""
+    if processes == 1:
+        return f"on CPU, `jaxsys train --devices {fixed}` simulates {fixed} devices"
+    if fixed % processes:
+        return (f"with {processes} processes the device count is a multiple of {processes}, so choose "
+                f"axis sizes whose product is one")
+    return (f"with {processes} processes, `jaxsys launch --processes {processes} -- train --devices "
+            f"{fixed // processes}` gives {fixed} devices ({fixed // processes} per process)")
+
+
+def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int, num_processes: int = 1) -> dict[str, int]:
     """Axis sizes with -1 replaced by the rest of the devices; raises `ConfigError` on a
-    layout whose product does not equal `num_devices`."""
+    layout whose product does not equal `num_devices` (of all `num_processes` together)."""
     sizes = {name: getattr(mesh_cfg, name) for name in MESH_AXES}
     wild = [n for n, s in sizes.items() if s == -1]
     if len(wild) > 1:
@@ -38,16 +49,14 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]
         if num_devices % fixed:
             raise ConfigError(
                 f"The mesh {layout} needs a multiple of {fixed} devices, but there are {num_devices}. "
-                f"Choose axis sizes whose product divides {num_devices} (on CPU, `jaxsys train "
-                f"--devices {fixed}` simulates {fixed} devices)."
+                f"Choose axis sizes whose product divides {num_devices} ({_cpu_hint(fixed, num_processes)})."
             )
         sizes[wild[0]] = num_devices // fixed
     elif fixed != num_devices:
         raise ConfigError(
             f"The mesh {'of all 1s' if layout == '1 device' else layout} has {fixed} devices but {num_devices} are available. "
             f"Make the product of mesh.data, mesh.fsdp, mesh.tensor and mesh.pipe equal {num_devices} "
-            f"(e.g. set mesh.data=-1 to use the rest); on CPU, `jaxsys train --devices {fixed}` "
-            f"simulates {fixed} devices."
+            f"(e.g. set mesh.data=-1 to use the rest); {_cpu_hint(fixed, num_processes)}."
         )
     return sizes
 
@@ -55,7 +64,7 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A `Mesh` with axes `MESH_AXES`, sized from `mesh_cfg` over `devices` (default: all)."""
     devices = list(devices if devices is not None else jax.devices())
-    sizes = resolve_mesh_shape(mesh_cfg, len(devices))
+    sizes = resolve_mesh_shape(mesh_cfg, len(devices), jax.process_count())
     shape = tuple(sizes[n] for n in MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 import sys
 
+from jaxsys.config import ConfigError  # imports no jax
+
 ENV_COORDINATOR = "JAXSYS_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXSYS_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAXSYS_PROCESS_ID"
@@ -26,9 +28,11 @@ ENV_DISTRIBUTED = "JAXSYS_DISTRIBUTED"
 
 
 def simulate_cpu_devices(n: int | None) -> None:
-    """Ask XLA for `n` host (CPU) devices; call before jax is imported (None/0: leave as is)."""
-    if not n:
+    """Ask XLA for `n` ≥ 1 host (CPU) devices; call before jax is imported (None: leave as is)."""
+    if n is None:
         return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"--devices must be a whole number ≥ 1, got {n!r}.")
     flag = f"--xla_force_host_platform_device_count={n}"
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
     os.environ["XLA_FLAGS"] = " ".join(flags + [flag])
@@ -60,11 +64,24 @@ def initialize(local_cpu_devices: int | None = None, flag: bool = False) -> bool
     if ENV_PROCESS_ID in env:
         missing = [k for k in (ENV_COORDINATOR, ENV_NUM_PROCESSES) if k not in env]
         if missing:
-            raise SystemExit(f"jaxsys: {ENV_PROCESS_ID} is set but {', '.join(missing)} is not; "
-                             "set all three, or start the processes with `jaxsys launch`.")
-        jax.distributed.initialize(coordinator_address=env[ENV_COORDINATOR],
-                                   num_processes=int(env[ENV_NUM_PROCESSES]),
-                                   process_id=int(env[ENV_PROCESS_ID]))
-    else:
+            raise ConfigError(f"{ENV_PROCESS_ID} is set but {', '.join(missing)} is not; "
+                              "set all three, or start the processes with `jaxsys launch`.")
+        try:
+            num, pid = int(env[ENV_NUM_PROCESSES]), int(env[ENV_PROCESS_ID])
+        except ValueError:
+            raise ConfigError(f"{ENV_NUM_PROCESSES}={env[ENV_NUM_PROCESSES]!r} and {ENV_PROCESS_ID}="
+                              f"{env[ENV_PROCESS_ID]!r} must be whole numbers.") from None
+        if not 0 <= pid < num:
+            raise ConfigError(f"{ENV_PROCESS_ID}={pid} must be in [0, {ENV_NUM_PROCESSES}={num}).")
+        jax.distributed.initialize(coordinator_address=env[ENV_COORDINATOR], num_processes=num,
+                                   process_id=pid)
+        return True
+    try:
         jax.distributed.initialize()  # cluster auto-detection (SLURM, Open MPI, Kubernetes)
+    except (ValueError, RuntimeError) as e:  # e.g. "coordinator_address should be defined."
+        raise ConfigError(
+            f"--distributed: no cluster found to join ({str(e).splitlines()[0].rstrip('.')}). Under SLURM, "
+            f"Open MPI or a Kubernetes indexed Job it is detected; elsewhere set {ENV_COORDINATOR}, "
+            f"{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}, or on one machine use `jaxsys launch "
+            "--processes N -- train ...`.") from None
     return True

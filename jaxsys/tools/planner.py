@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -147,6 +147,7 @@ def layout_name(cfg: Config) -> str:
 
 def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") -> Plan:
     """Compile `cfg`'s train step for its mesh over `devices` (default: all) and report."""
+    acc = get_accelerator(accelerator)  # an unknown name fails before the compile
     cfg = apply_overrides(cfg, ["model.scan_layers=false"])
     devices = list(devices if devices is not None else jax.devices())
     s = state_lib.setup(cfg, make_mesh(cfg.mesh, devices))
@@ -175,7 +176,6 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
     colls = hlo_stats.collectives(compiled.as_text(), s.mesh)
     summary = hlo_stats.summarize(colls)
     comm = {k: 0.0 for k in hlo_stats.KINDS}
-    acc = get_accelerator(accelerator)
     comm_s = 0.0
     rows = []
     for (kind, axes), row in summary.items():
@@ -197,8 +197,8 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
     layout = {"name": mesh_layout_name(sizes, m.zero_stage, m.sequence_parallel), "devices": n_dev,
               "data": sizes["data"], "fsdp": sizes["fsdp"],
               "tensor": sizes["tensor"], "zero_stage": m.zero_stage,
-              "sequence_parallel": m.sequence_parallel, "accelerator": acc.name,
-              "params": n_params}
+              "sequence_parallel": m.sequence_parallel, "grad_sync": m.grad_sync,
+              "accelerator": acc.name, "params": n_params}
     formula_mem = closed_form_state(cfg, sizes, n_params)
     formula_mem["activations"] = closed_form_activations(cfg, sizes)
     return Plan(layout, memory, formula_mem, rows, comm, closed_form_comm(cfg, sizes, tp_param_b),
@@ -219,15 +219,21 @@ def candidate_layouts(n_devices: int, cfg: Config) -> list[list[str]]:
 
 
 def search(cfg: Config, devices: list | None = None, accelerator: str = "h100",
-           memory_budget: float | None = None) -> tuple[list[Plan], list[tuple[str, str]]]:
+           memory_budget: float | None = None,
+           progress: Callable[[str], None] | None = None) -> tuple[list[Plan], list[tuple[str, str]]]:
     """Plan every valid layout; drop those whose peak bytes exceed `memory_budget` (default: the
-    accelerator's memory); rank by estimated step time. Returns (ranked plans, rejected
-    (layout, reason))."""
+    accelerator's memory); rank by estimated step time. `progress` gets one line per layout
+    before it compiles. Returns (ranked plans, rejected (layout, reason))."""
     devices = list(devices if devices is not None else jax.devices())
+    if memory_budget is not None and not memory_budget > 0:
+        raise ConfigError(f"The memory budget must be > 0 bytes, got {memory_budget}.")
     budget = memory_budget if memory_budget is not None else get_accelerator(accelerator).memory_bytes
     plans, rejected = [], []
-    for overrides in candidate_layouts(len(devices), cfg):
+    candidates = candidate_layouts(len(devices), cfg)
+    for i, overrides in enumerate(candidates, 1):
         c = apply_overrides(cfg, overrides)
+        if progress is not None:
+            progress(f"planning {i}/{len(candidates)}: {layout_name(c)} ...")
         try:
             plans.append(plan(c, devices, accelerator))
         except ConfigError as e:
@@ -253,8 +259,9 @@ def _mib(x: float) -> str:
 
 def format_plan(p: Plan) -> str:
     """A readable report: memory and communication beside their closed forms, roofline."""
-    lines = [f"layout: {p.layout['name']} on {p.layout['devices']} devices "
-             f"({p.layout['params']:,} parameters; compiled in {p.compile_s:.1f} s)", "",
+    lines = [f"layout: {p.layout['name']} on {p.layout['devices']} devices, grad_sync "
+             f"{p.layout.get('grad_sync', '?')} ({p.layout['params']:,} parameters; compiled in "
+             f"{p.compile_s:.1f} s)", "",
              "memory per device (MiB)      compiled    formula"]
     for key in ("params", "grads", "optimizer"):
         lines.append(f"  {key:<26} {_mib(p.memory[key]):>9}  {_mib(p.memory_formula[key]):>9}")
@@ -281,13 +288,29 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
+def _same_program_key(p: Plan) -> tuple:
+    """What a search row shows, plus the collectives (kind, count, bytes; their axes are named
+    apart): layouts equal in all of it are one row (fsdp=N with ZeRO stage 0 shards nothing over
+    fsdp: it compiles to what data=N does, over an axis of another name)."""
+    return (p.layout["devices"], p.memory["params"], p.memory["grads"], p.memory["optimizer"],
+            p.memory["peak"], tuple(sorted(p.comm_bytes.items())), p.flops, p.roofline["step_s"],
+            tuple(sorted((r["kind"], r["count"], r["wire_bytes"]) for r in p.collectives)))  # axes named apart
+
+
 def format_search(plans: list[Plan], rejected: list[tuple[str, str]]) -> str:
-    lines = [f"{'rank':>4}  {'layout':<30} {'state MiB':>10} {'peak MiB':>10} {'comm MiB':>10} "
+    rows: dict[tuple, list[Plan]] = {}
+    for p in plans:  # ranked order is kept: a group sits where its first member ranked
+        rows.setdefault(_same_program_key(p), []).append(p)
+    width = max([30] + [len(" = ".join(q.layout["name"] for q in g)) for g in rows.values()])
+    lines = [f"{'rank':>4}  {'layout':<{width}} {'state MiB':>10} {'peak MiB':>10} {'comm MiB':>10} "
              f"{'step ms':>9}"]
-    for i, p in enumerate(plans, 1):
-        lines.append(f"{i:>4}  {p.layout['name']:<30} {_mib(p.state_bytes):>10} "
+    for i, group in enumerate(rows.values(), 1):
+        p, name = group[0], " = ".join(q.layout["name"] for q in group)
+        lines.append(f"{i:>4}  {name:<{width}} {_mib(p.state_bytes):>10} "
                      f"{_mib(p.memory['peak']):>10} {_mib(sum(p.comm_bytes.values())):>10} "
                      f"{p.roofline['step_s'] * 1e3:>9.4g}")
+    if any(len(g) > 1 for g in rows.values()):
+        lines.append("(a = b: the same per-device memory, collectives and step time)")
     if rejected:
         lines += ["", "rejected:"] + [f"  {name}: {why}" for name, why in rejected]
     return "\n".join(lines)

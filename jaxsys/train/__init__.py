@@ -4,7 +4,8 @@
 - `step`: the pure `step(state, batch) -> (state, metrics)`, accumulation, AOT compile;
 - `optimizer`: Optax AdamW and learning-rate schedules from config;
 - `loop`: `train`, in phases; `run_dir`: what a resume must agree with;
-- `metrics`, `rollback`, `preemption`: metric sinks, rollback after NaN streaks, SIGTERM.
+- `metrics`, `rollback`, `preemption`: metric sinks, rollback after NaN streaks, SIGTERM;
+- `trackers` (W&B, SwanLab), `console` (text / JSON / quiet lines), `profiling` (step traces).
 
 Imports config, model, data, parallel and checkpoint; never inference, tools or cli.
 """

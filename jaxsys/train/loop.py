@@ -5,13 +5,14 @@ and reads metrics one step late (after the next step is dispatched), so the host
 for the device except at log, eval and checkpoint steps.
 
 `train` runs in phases: `_prepare` (config, data, mesh, layout and run-directory checks, all
-before any compile), `_restore_or_init`, `_compile`, then `_Loop.run` (the step loop and its
+before any compile; nothing written), `_restore_or_init` (the checkpoint's own metadata checked),
+`_accept` (only then config.json, tokenizer.json and the changed settings are written; a run
+already at train.steps stops before it), `_compile`, then `_Loop.run` (the step loop and its
 eval / save / rollback policy), whose read-back state lives in `_Readback`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 
 from jaxsys import config as config_lib
 from jaxsys.checkpoint import manager as ckpt
+from jaxsys.checkpoint import run_files
 from jaxsys.config import Config
 from jaxsys.config.hardware import peak_flops
 from jaxsys.data import batches as batches_lib
@@ -33,9 +35,12 @@ from jaxsys.parallel.rules import with_shardings
 from jaxsys.train import rollback as rollback_lib
 from jaxsys.train import state as state_lib
 from jaxsys.train import step as step_lib
+from jaxsys.train import trackers as trackers_lib
+from jaxsys.train.console import Console
 from jaxsys.train.metrics import MetricWriter
 from jaxsys.train.preemption import StopRequest
-from jaxsys.train.run_dir import check_run_dir
+from jaxsys.train.profiling import StepProfiler
+from jaxsys.train import run_dir as run_dir_lib
 
 
 class TrainingError(RuntimeError):
@@ -62,9 +67,17 @@ def _is_main() -> bool:
     return jax.process_index() == 0
 
 
-def _log(msg: str) -> None:
+_console = Console()  # text or JSON lines, quiet or not: set from cfg.logging by each `train`
+
+
+def _log(msg: str, event: str = "log", level: str = "info", **fields: Any) -> None:
+    """One line on process 0; `level` "warn" and "final" lines survive logging.quiet."""
     if _is_main():
-        print(msg, flush=True)
+        _console.log(msg, event, level, **fields)
+
+
+def _warn(msg: str) -> None:
+    _log(msg, "warning", "warn")
 
 
 def val_batches(corpus: Corpus, cfg: Config, sharding: jax.sharding.Sharding,
@@ -97,6 +110,7 @@ class _Run:
     run_dir: Path
     target: Any  # the TrainState as ShapeDtypeStructs with shardings (restore / lowering target)
     num_params: int
+    changes: list = field(default_factory=list)  # run_dir.Change: settings that differ from config.json
 
 
 def _prepare(cfg: Config, devices: list | None) -> _Run:
@@ -107,18 +121,17 @@ def _prepare(cfg: Config, devices: list | None) -> _Run:
     mesh = make_mesh(cfg.mesh, devices)
     s = state_lib.setup(cfg, mesh)
     run_dir = Path(cfg.run_dir)
-    check_run_dir(run_dir, cfg)
+    changes = run_dir_lib.check_run_dir(run_dir, cfg, corpus.tokenizer.to_json())  # reads only
     target = with_shardings(state_lib.abstract_state(s), s.state_sharding)
     if cfg.checkpoint.every > 0:
         ckpt.check_free_space(run_dir, ckpt.state_bytes(target), cfg.checkpoint.keep)
-    if _is_main():
-        (run_dir / "config.json").write_text(config_lib.to_json(cfg))
-        (run_dir / "tokenizer.json").write_text(json.dumps(corpus.tokenizer.to_json()))
-    run = _Run(cfg, corpus, s, run_dir, target, count_params(s.abstract_params))
+    run = _Run(cfg, corpus, s, run_dir, target, count_params(s.abstract_params), changes)
     procs = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     _log(f"jaxsys: {cfg.preset or 'custom'} | {cfg.model.family} {run.num_params / 1e6:.2f}M params | "
          f"mesh {layout_name(dict(mesh.shape))} ({mesh.devices.size} × {mesh.devices.flat[0].platform}{procs}) | "
-         f"batch {cfg.train.batch_size}×{cfg.model.seq_len} tokens | run_dir {run_dir}")
+         f"batch {cfg.train.batch_size}×{cfg.model.seq_len} tokens | run_dir {run_dir}", "start",
+         run_dir=str(run_dir), params=run.num_params, mesh=layout_name(dict(mesh.shape)),
+         devices=mesh.devices.size, processes=jax.process_count())
     return run
 
 
@@ -129,16 +142,49 @@ def _restore_or_init(run: _Run) -> tuple[Any, int, Any]:
     manager, resume_step = None, None
     if cfg.checkpoint.every > 0:
         if cfg.checkpoint.resume and ckpt.step_dirs(run.run_dir):
-            resume_step, _ = ckpt.select_resume_step(run.run_dir, _log)
+            resume_step, _ = ckpt.select_resume_step(run.run_dir, _warn)
             if resume_step is None:
-                _log(f"No usable checkpoint left in {run.run_dir / 'checkpoints'}: starting from step 0.")
+                _warn(f"No usable checkpoint left in {run.run_dir / 'checkpoints'}: starting from step 0.")
         manager = ckpt.make_manager(run.run_dir, cfg.checkpoint)
     if resume_step is None:
         return manager, 0, state_lib.init_state(run.setup, cfg.train.seed)
-    ckpt.check_compatible(manager, resume_step, run.target)  # names the parameter and both shapes
+    try:
+        ckpt.check_compatible(manager, resume_step, run.target)  # names the parameter and both shapes
+    except Exception:
+        manager.close()  # refused: nothing was written, and no Orbax thread is left behind
+        raise
     start_step, state = ckpt.restore(manager, run.target, resume_step)
-    _log(f"Resumed from checkpoint step {start_step} in {run.run_dir / 'checkpoints'}")
+    _log(f"Resumed from checkpoint step {start_step} in {run.run_dir / 'checkpoints'}", "resumed",
+         step=start_step)
     return manager, start_step, state
+
+
+def _accept(run: _Run, start_step: int) -> None:
+    """The checkpoint agreed with this config (`check_compatible`): only now write config.json and
+    tokenizer.json, and report and record the changed settings (config_changes.jsonl)."""
+    if run.changes:
+        _warn(f"{'Resuming' if start_step else 'Starting'} with changed settings: "
+              f"{run_dir_lib.describe(run.changes)} (recorded in {run.run_dir / run_dir_lib.CHANGES})")
+    if _is_main():
+        run_dir_lib.accept(run.run_dir, run.cfg, run.corpus.tokenizer.to_json(), run.changes, start_step)
+
+
+def _nothing_to_train(run: _Run, manager: Any, start_step: int, state: Any) -> "TrainResult":
+    """A run already at (or past) train.steps: say so and return before anything compiles."""
+    if manager is not None:
+        manager.close()
+    steps = run.cfg.train.steps
+    where = "= train.steps" if start_step == steps else f"> train.steps={steps}"
+    ignored = [c for c in run.changes if c.key != "train.steps"]
+    unused = (f" The changed settings ({run_dir_lib.describe(ignored)}) only matter for more steps: "
+              "not applied, config.json unchanged." if ignored else "")
+    _warn(f"Nothing to train: {run.run_dir} is already at step {start_step} {where}; raise train.steps "
+          f"to continue, or use a new run_dir.{unused}")
+    if _is_main() and not (run.run_dir / run_files.CONFIG).exists():  # the checkpoint agreed: restore it
+        run_dir_lib.accept(run.run_dir, run.cfg, run.corpus.tokenizer.to_json(), [], start_step)
+    return TrainResult(final_step=start_step, start_step=start_step, train_loss=float("nan"),
+                       val_loss=float("nan"), compile_seconds=0.0, train_seconds=0.0, tokens_per_sec=0.0,
+                       num_params=run.num_params, state=state, tokenizer=run.corpus.tokenizer)
 
 
 def _compile(run: _Run) -> tuple[Any, Any, float]:
@@ -147,7 +193,7 @@ def _compile(run: _Run) -> tuple[Any, Any, float]:
     step_fn = step_lib.compile_train_step(run.setup)
     eval_fn = step_lib.compile_eval_step(run.setup, run.cfg.train.batch_size)
     seconds = time.perf_counter() - t0
-    _log(f"Compiled train and eval steps in {seconds:.1f}s")
+    _log(f"Compiled train and eval steps in {seconds:.1f}s", "compiled", seconds=seconds)
     return step_fn, eval_fn, seconds
 
 
@@ -165,7 +211,7 @@ def _rollback_target(cfg: Config, run_dir: Path, manager: Any, failed_step: int,
             f"this run_dir already rolled back {len(rollbacks)} times (train.max_rollbacks="
             f"{cfg.train.max_rollbacks}; see {run_dir / rollback_lib.LOG}). Lower optimizer.lr or "
             "check the data.")
-    target, _ = ckpt.select_resume_step(run_dir, _log, below=failed_step - k + 1)
+    target, _ = ckpt.select_resume_step(run_dir, _warn, below=failed_step - k + 1)
     if target is None:
         raise TrainingError(f"{k} steps in a row up to step {failed_step} had a non-finite loss or "
                             f"gradients and no checkpoint from before step {failed_step - k + 1} is "
@@ -205,15 +251,21 @@ class _Loop:
         self.val_data = val_batches(run.corpus, self.cfg, s.batch_sharding, self.cfg.train.eval_batches)
         self.rollbacks = rollback_lib.load(run.run_dir)
         self.bad_tokens: np.ndarray | None = None  # fault injection: out-of-range ids make the embedding NaN
-        self.writer = MetricWriter(run.run_dir, self.cfg.logging.tensorboard) if _is_main() else None
+        self.writer = None  # metrics.jsonl + TensorBoard, then the trackers (logging.trackers)
+        if _is_main():
+            trackers = trackers_lib.make_trackers(self.cfg, run.run_dir)
+            metrics = MetricWriter(run.run_dir, self.cfg.logging.tensorboard)
+            self.writer = trackers_lib.Sinks([metrics, *trackers])
+        self.profiler = StepProfiler(self.cfg.logging.profile_steps, run.run_dir, _log)
         self.tokens_per_step = self.cfg.train.batch_size * self.cfg.model.seq_len
         self.flops_per_token = flops_per_token(self.cfg.model, run.num_params)
         self.peak = peak_flops(s.mesh.devices.flat[0].device_kind)
         self.bar = None
-        if self.cfg.logging.progress and _is_main() and start_step < self.cfg.train.steps:
+        if _console.shows_progress(self.cfg.logging) and _is_main() and start_step < self.cfg.train.steps:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=self.cfg.train.steps, initial=start_step, unit="step",
                             dynamic_ncols=True, mininterval=1.0)
+            _console.bar = self.bar  # lines go through bar.write while it is shown
         self.rb = _Readback(window_start=time.perf_counter(), window_step=start_step)
         self.val_loss = float("nan")
         self.manifests_due = False  # a save was started whose manifest is not written yet
@@ -240,7 +292,8 @@ class _Loop:
             rb.consecutive_skips = rb.consecutive_skips + 1 if m["skipped"] else 0
             if m["skipped"]:
                 _log(f"step {step_done}: loss {rb.last_loss}, gradient norm {m['grad_norm']}: update "
-                     f"skipped ({rb.consecutive_skips} in a row, {int(m['skipped_total'])} in all)")
+                     f"skipped ({rb.consecutive_skips} in a row, {int(m['skipped_total'])} in all)", "skipped",
+                     "warn", step=step_done, loss=rb.last_loss, in_a_row=rb.consecutive_skips)
             if rb.consecutive_skips >= t.max_consecutive_skips and t.on_nan == "rollback":
                 rb.failed_step = step_done  # the loop rolls back; later pending steps are discarded
             elif rb.consecutive_skips >= t.max_consecutive_skips:
@@ -268,6 +321,8 @@ class _Loop:
         if self.peak:
             m["mfu"] = self.flops_per_token * tok_s / (self.peak * self.run.setup.mesh.devices.size)
         self.writer.write(step_done, m)
+        if _console.json:
+            _log(f"step {step_done}", "step", step=step_done, **m)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{rb.last_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
 
@@ -279,7 +334,7 @@ class _Loop:
         _, state = ckpt.restore(self.manager, self.run.target, step)
         _log(f"Rolled back from step {rb.failed_step} to checkpoint step {step}; continuing with "
              f"batch {entry['data_index']}, after the bad ones (rollback {len(self.rollbacks)} of "
-             f"at most {cfg.train.max_rollbacks}).")
+             f"at most {cfg.train.max_rollbacks}).", "rollback", "warn", step=step, failed_step=rb.failed_step)
         rb.pending.clear()
         rb.failed_step, rb.consecutive_skips, self.manifests_due = 0, 0, False
         if self.bar is not None:
@@ -291,7 +346,7 @@ class _Loop:
         if self.writer is not None:
             self.writer.write(done, {"val_loss": self.val_loss})
         msg = f"step {done}: train loss {self.rb.last_loss:.4f}, val loss {self.val_loss:.4f}"
-        self.bar.write(msg) if self.bar is not None else _log(msg)
+        _log(msg, "eval", step=done, train_loss=self.rb.last_loss, val_loss=self.val_loss)
 
     def _save(self, done: int, state: Any, is_save: bool) -> None:
         """Finish the previous save's manifest when it is done, then start this save."""
@@ -309,8 +364,10 @@ class _Loop:
         stopped_by = ""
         step = self.start_step
         while step < cfg.train.steps:
+            self.profiler.before(step + 1)
             state, metrics = self.step_fn(state, self.train_batch(step))
             done = step + 1
+            self.profiler.after(done, state)
             rb.pending.append((done, metrics))
             self.drain(keep=1)  # read the previous step's metrics while this one runs
             stopped_by = stop.agreed()
@@ -332,14 +389,12 @@ class _Loop:
             if stopped_by:
                 break
         self.drain(keep=0)
-        if self.start_step >= cfg.train.steps:
-            _log(f"Nothing to train: {self.run.run_dir} is already at step {self.start_step} (train.steps="
-                 f"{cfg.train.steps}). Raise train.steps to continue, or use a new run_dir.")
-            self.val_loss = evaluate(self.eval_fn, state.params, self.val_data)
         return state, stopped_by
 
     def close(self) -> None:
         """Also on errors: let started saves finish so they are never half-written."""
+        self.profiler.stop()
+        _console.bar = None
         if self.bar is not None:
             self.bar.close()
         if self.manager is not None:
@@ -352,8 +407,14 @@ class _Loop:
 
 def train(cfg: Config, devices: list | None = None) -> TrainResult:
     """Run (or resume) the training described by `cfg`; returns a `TrainResult`."""
+    global _console
+    _console = Console(cfg.logging)
+    trackers_lib.check_available(cfg)  # a missing extra fails before anything is built
     run = _prepare(cfg, devices)
     manager, start_step, state = _restore_or_init(run)
+    if start_step >= cfg.train.steps:
+        return _nothing_to_train(run, manager, start_step, state)
+    _accept(run, start_step)
     step_fn, eval_fn, compile_seconds = _compile(run)
     loop = _Loop(run, manager, step_fn, eval_fn, start_step)
     loop_start = time.perf_counter()
@@ -373,10 +434,14 @@ def train(cfg: Config, devices: list | None = None) -> TrainResult:
         where = (f"checkpoint step {result.final_step} saved in {run.run_dir / 'checkpoints'}"
                  if manager is not None else "no checkpoint (checkpoint.every=0)")
         _log(f"Stopped by {stopped_by} after step {result.final_step}: {where}. "
-             "Run the same command again to resume.")
+             "Run the same command again to resume.", "stopped", "final", signal=stopped_by,
+             step=result.final_step)
         return result
     steps_run = max(0, cfg.train.steps - start_step)
     result.tokens_per_sec = steps_run * loop.tokens_per_step / train_seconds if steps_run else 0.0
     _log(f"Done: {steps_run} steps in {train_seconds:.1f}s ({result.tokens_per_sec:,.0f} tokens/s), "
-         f"compile {compile_seconds:.1f}s; final val loss {loop.val_loss:.4f}")
+         f"compile {compile_seconds:.1f}s; final val loss {loop.val_loss:.4f}", "done", "final",
+         steps=steps_run, final_step=result.final_step, train_seconds=train_seconds,
+         compile_seconds=compile_seconds, tokens_per_sec=result.tokens_per_sec,
+         train_loss=result.train_loss, val_loss=loop.val_loss)
     return result

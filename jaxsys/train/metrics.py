@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ class MetricWriter:
         self._jsonl.flush()
         if self._tb is not None:
             for key, value in row.items():
-                if key != "step":
+                # A skipped step's NaN loss stays in metrics.jsonl; TensorBoard would only draw a
+                # gap, after two "NaN or Inf found in input tensor" warnings from tensorboardX.
+                if key != "step" and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:

@@ -156,3 +156,35 @@ ENTRY %main (x: f32[4]) -> f32[4] {
                    ("all-reduce", ("tensor",), 1, 32, 2), ("all-reduce", ("tensor",), 1, 4, 2),
                    ("reduce-scatter", ("tensor",), 1, 4 * 8 * 4 * 4, 1),
                    ("all-gather", ("tensor",), 1, 64, 1)]
+
+
+def _fake_plan(name: str, peak: float, step_s: float, axes: tuple[str, ...]) -> planner.Plan:
+    kinds = {k: 0.0 for k in hlo_stats.KINDS}
+    return planner.Plan(
+        layout={"name": name, "devices": 2, "params": 10, "accelerator": "H100 SXM", "grad_sync": "explicit"},
+        memory={"params": 40.0, "grads": 40.0, "optimizer": 80.0, "state_compiled": 160.0, "temp": 1.0, "peak": peak},
+        memory_formula={"params": 40.0, "grads": 40.0, "optimizer": 80.0, "activations": 1.0},
+        collectives=[{"kind": "all-reduce", "axes": list(axes), "count": 1, "payload_bytes": 40, "wire_bytes": 40.0}],
+        comm_bytes={**kinds, "all-reduce": 40.0}, comm_formula=kinds, flops=1e6, flops_formula=1e6,
+        roofline={"step_s": step_s, "compute_s": 0.0, "memory_s": 0.0, "comm_s": 0.0, "step_overlapped_s": 0.0},
+        compile_s=0.1)
+
+
+def test_search_table_shows_equal_layouts_as_one_row_and_plan_shows_grad_sync():
+    """fsdp=2 zero=0 compiles to what data=2 does (its all-reduce only runs over another axis
+    name): one row naming both; a layout that differs keeps its own row."""
+    plans = [_fake_plan("data=2", 200.0, 1e-3, ("data",)), _fake_plan("fsdp=2 zero=0", 200.0, 1e-3, ("fsdp",)),
+             _fake_plan("fsdp=2 zero=3", 120.0, 2e-3, ("fsdp",))]
+    rows = planner.format_search(plans, []).splitlines()
+    assert len(rows) == 4 and "data=2 = fsdp=2 zero=0" in rows[1] and "fsdp=2 zero=3" in rows[2]
+    assert rows[2].split()[0] == "2" and rows[3].startswith("(a = b")
+    assert "grad_sync explicit" in planner.format_plan(plans[0]).splitlines()[0]
+
+
+def test_search_reports_progress_and_refuses_a_bad_budget(monkeypatch):
+    with pytest.raises(ConfigError, match="memory budget must be > 0"):
+        planner.search(tiny_cfg(), jax.devices()[:2], memory_budget=-1.0)
+    seen = []
+    monkeypatch.setattr(planner, "plan", lambda c, devices, accelerator: _fake_plan(planner.layout_name(c), 1.0, 1.0, ()))
+    planner.search(tiny_cfg(), jax.devices()[:2], progress=seen.append)
+    assert seen[0] == "planning 1/7: data=2 ..." and len(seen) == 7  # data; fsdp × zero 0–3; tensor ± SP
