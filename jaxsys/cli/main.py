@@ -3,7 +3,8 @@
     jaxsys train [--preset NAME | --config FILE] [--devices N] [--quiet] [--log-format json] [key=value ...]
     jaxsys eval --run-dir DIR [--data FILE] [--batches N] [--json]   # loss, perplexity, bits per byte
     jaxsys plot RUN_DIR [RUN_DIR ...] [--out FILE]       # loss, val loss and lr against steps (PNG)
-    jaxsys sample --run-dir DIR [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K]
+    jaxsys sample --run-dir DIR [--prompt TEXT] [--num-samples N] [--top-p P] [--draft-run-dir D] ...
+    jaxsys generate --run-dir DIR --prompts IN.jsonl --out OUT.jsonl [--batch-size B] ...  # batches
     jaxsys config [--preset NAME | --config FILE] [key=value ...]   # print the resolved config
     jaxsys plan [--preset NAME] [--devices N] [key=value ...] [--json] [--accelerator h100]
                 [--search] [--memory-budget GiB]         # per-device memory/communication, AOT
@@ -119,20 +120,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from jaxsys.data.tokenizers import IdTokenizer
-    from jaxsys.inference.load import load_params, read_run
-    from jaxsys.inference.sampling import check_sampling, sample_text
-    from jaxsys.model.transformer import Transformer
-    cfg, tokenizer = read_run(args.run_dir)
-    check_sampling(tokenizer, cfg.model.vocab_size, args.prompt, args.max_new_tokens, args.temperature,
-                   args.top_k)  # before any checkpoint is read
-    _, params = load_params(args.run_dir, cfg)
-    if isinstance(tokenizer, IdTokenizer):
-        print("jaxsys sample: this run has no tokenizer (its .bin had none beside it): the prompt and "
-              "the sample are token ids.", file=sys.stderr, flush=True)
-    print(sample_text(Transformer(cfg.model), params, tokenizer, args.prompt, args.max_new_tokens,
-                      temperature=args.temperature, top_k=args.top_k, seed=args.seed))
-    return 0
+    from jaxsys.cli.generate import cmd_sample
+    return cmd_sample(args)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from jaxsys.cli.generate import cmd_generate
+    return cmd_generate(args)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -219,17 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=_count(1), required=True, help="number of processes (≥ 1)")
     p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- train ...",
                    help="the jaxsys command each process runs (its --devices is per process)")
-    p = sub.add_parser("sample", help="generate text from a run's latest checkpoint")
-    p.add_argument("--run-dir", required=True, help="the run_dir of a `jaxsys train` (its config.json, "
-                   "tokenizer.json and checkpoints/; the newest intact checkpoint is used)")
-    p.add_argument("--prompt", default="ROMEO:", help="text the sample continues (default: ROMEO:)")
-    p.add_argument("--max-new-tokens", type=_count(0), default=200,
-                   help="tokens to generate after the prompt, ≥ 0 (default: 200)")
-    p.add_argument("--temperature", type=_number(0, inclusive=True), default=0.8,
-                   help="softmax temperature, ≥ 0; 0 is greedy decoding (default: 0.8)")
-    p.add_argument("--top-k", type=_count(0), default=0,
-                   help="sample only among the K likeliest tokens; 0 keeps all (default: 0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default: 0)")
+    from jaxsys.cli.generate import add_parsers
+    add_parsers(sub, _count, _number)
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run's latest checkpoint")
     p.add_argument("--run-dir", required=True, help="the run_dir of a `jaxsys train`")
     p.add_argument("--data", default=None, metavar="FILE",
@@ -283,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_launch(args)
         if args.command == "train":
             initialize(args.devices, flag=args.distributed)
-        return {"train": _cmd_train, "config": _cmd_config, "sample": _cmd_sample, "plan": _cmd_plan,
+        return {"train": _cmd_train, "config": _cmd_config, "sample": _cmd_sample,
+                "generate": _cmd_generate, "plan": _cmd_plan,
                 "eval": _cmd_eval, "plot": _cmd_plot}[args.command](args)
     except Exception as e:
         loop = sys.modules.get("jaxsys.train.loop")  # TrainingError, if training got that far

@@ -1,41 +1,47 @@
-"""Autoregressive sampling with temperature and top-k.
+"""Text in, text out: prompts and settings to completions, through the KV-cache engine.
 
-The whole generation is one jitted `fori_loop` over a fixed-size token buffer, so it compiles
-once per (prompt length, number of new tokens). Each step re-runs the model on the last
-`seq_len` tokens (no KV cache yet: simple, and fast enough for small models).
+`sample_texts` / `complete` encode prompts, check every setting before anything compiles,
+run `decode.Generator` (or `speculative.speculative_generate` with a draft model), apply stop
+strings, and decode. `generate_recompute` is the sampler this toolkit had before the KV cache:
+each new token re-runs the model over the last `seq_len` tokens. It stays as the baseline
+`experiments/bench_generation.py` measures the cache against.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 
 from jaxsys.config import ConfigError
 from jaxsys.data.tokenizers import Tokenizer
+from jaxsys.inference.decode import Completion, Generator, Request
+from jaxsys.inference.sampler import SamplingParams
+from jaxsys.inference.speculative import SpeculativeStats, speculative_generate
 from jaxsys.model.transformer import Transformer
 
 
 @partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k", "num_tokens"))
-def generate(model: Transformer, params: Any, prompt_P: jax.Array, key: jax.Array, *,
-             max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             num_tokens: int = 0) -> jax.Array:
-    """Return the prompt followed by `max_new_tokens` sampled ids, int32 [P + max_new_tokens].
+def generate_recompute(model: Transformer, params: Any, prompt_T: jax.Array, key: jax.Array, *,
+                       max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                       num_tokens: int = 0) -> jax.Array:
+    """The no-cache baseline: the prompt followed by `max_new_tokens` sampled ids, int32
+    [prompt length + max_new_tokens]; every step runs the model on the last `seq_len` tokens.
 
     temperature 0 means greedy decoding; top_k 0 means no truncation; `num_tokens` > 0 limits
     sampling to ids below it (the tokenizer's vocabulary, when the model's is padded larger)."""
-    P = prompt_P.shape[0]
+    n = prompt_T.shape[0]
     T = model.cfg.seq_len
-    total = P + max_new_tokens
-    buf = jnp.zeros((max(total, T),), jnp.int32).at[:P].set(prompt_P.astype(jnp.int32))
+    total = n + max_new_tokens
+    buf = jnp.zeros((max(total, T),), jnp.int32).at[:n].set(prompt_T.astype(jnp.int32))
 
     def body(i: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         buf, key = carry
-        length = P + i  # tokens so far
+        length = n + i  # tokens so far
         start = jnp.maximum(length - T, 0)
         window_T = jax.lax.dynamic_slice(buf, (start,), (T,))
         logits_V = model.apply({"params": params}, window_T[None])[0, length - start - 1]
@@ -54,32 +60,84 @@ def generate(model: Transformer, params: Any, prompt_P: jax.Array, key: jax.Arra
     return buf[:total]
 
 
-def check_sampling(tokenizer: Tokenizer, vocab_size: int, prompt: str, max_new_tokens: int,
-                   temperature: float, top_k: int) -> np.ndarray:
-    """The prompt's ids; `ConfigError` for settings that cannot sample (checked before any
-    parameter is read). `vocab_size` is the model's (used when the tokenizer's is unknown)."""
+@dataclasses.dataclass(frozen=True)
+class TextRequest:
+    """A prompt as text, with its settings and stop strings (the completion ends before the
+    first one, which is not included)."""
+
+    prompt: str
+    max_new_tokens: int = 200
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class TextCompletion:
+    text: str
+    tokens: list[int]
+    logprobs: list[float]  # nats, per token (empty under speculative decoding)
+    finish_reason: str  # "stop" (a stop id or string) or "length"
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> np.ndarray:
+    """The prompt's ids ("" means a newline); `ConfigError` if it cannot be encoded or is empty."""
     try:
-        prompt_ids = tokenizer.encode(prompt or "\n")
+        ids = tokenizer.encode(prompt or "\n")
     except ValueError as e:
         raise ConfigError(f"Prompt {prompt!r} cannot be encoded: {e}.") from None
-    vocab = tokenizer.vocab_size or vocab_size  # 0: plain ids, the model's vocabulary
-    if not 0 <= top_k <= vocab:
-        raise ConfigError(f"top_k={top_k} must be between 0 (off) and the vocabulary size {vocab}.")
-    if max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} must be ≥ 0.")
-    if not temperature >= 0:
-        raise ConfigError(f"temperature={temperature} must be ≥ 0 (0 is greedy decoding).")
-    if len(prompt_ids) == 0:
+    if len(ids) == 0:
         raise ConfigError(f"Prompt {prompt!r} encodes to no tokens; give some text (or token ids).")
-    return prompt_ids
+    return ids
+
+
+def to_requests(tokenizer: Tokenizer, requests: Sequence[TextRequest]) -> list[Request]:
+    return [Request(encode_prompt(tokenizer, r.prompt), r.max_new_tokens, r.sampling) for r in requests]
+
+
+def _cut_at_stop(tokenizer: Tokenizer, c: Completion, stop: Sequence[str]) -> TextCompletion:
+    text = tokenizer.decode(np.asarray(c.tokens, np.int32))
+    hits = [text.find(s) for s in stop if s and s in text]
+    if not hits:
+        return TextCompletion(text, c.tokens, c.logprobs, c.finish_reason)
+    cut = min(hits)
+    k = len(c.tokens)  # the longest token prefix whose text ends at or before the stop string
+    while k > 0 and len(tokenizer.decode(np.asarray(c.tokens[:k], np.int32))) > cut:
+        k -= 1
+    return TextCompletion(text[:cut], c.tokens[:k], c.logprobs[:k], "stop")
+
+
+def complete(generator: Generator, tokenizer: Tokenizer, requests: Sequence[TextRequest], *,
+             draft: Generator | None = None, gamma: int = 4) -> tuple[list[TextCompletion], SpeculativeStats | None]:
+    """Completions of `requests` (one batch), and the speculative counts when a draft is given."""
+    token_requests = to_requests(tokenizer, requests)
+    if draft is not None:
+        out, stats = speculative_generate(generator, draft, token_requests, gamma)
+    else:
+        stats = None
+        stops = [r.stop for r in requests]
+
+        def finished(rows: list[list[int]]) -> list[int]:  # stop strings, checked between chunks
+            return [b for b, ids in enumerate(rows)
+                    if any(s and s in tokenizer.decode(np.asarray(ids, np.int32)) for s in stops[b])]
+
+        chunk = 32 if any(stops) else 0
+        out = generator.generate(token_requests, chunk=chunk, on_chunk=finished if chunk else None)
+    return [_cut_at_stop(tokenizer, c, r.stop) for c, r in zip(out, requests)], stats
 
 
 def sample_text(model: Transformer, params: Any, tokenizer: Tokenizer, prompt: str,
                 max_new_tokens: int, temperature: float = 0.8, top_k: int = 0, seed: int = 0) -> str:
-    """Decode `max_new_tokens` tokens after `prompt` with `generate`, on one device."""
-    prompt_ids = check_sampling(tokenizer, model.cfg.vocab_size, prompt, max_new_tokens, temperature, top_k)
+    """The prompt and `max_new_tokens` tokens after it, sampled through the KV cache on one
+    device (the sample `jaxsys train` prints at the end)."""
     params = jax.device_put(params, jax.devices()[0])  # sampling is small: one device
-    ids = generate(model, params, jnp.asarray(prompt_ids), jax.random.key(seed),
-                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                   num_tokens=tokenizer.vocab_size)
-    return tokenizer.decode(np.asarray(ids))
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, seed=seed)
+    generator = Generator(model, params, num_tokens=tokenizer.vocab_size)
+    [c], _ = complete(generator, tokenizer, [TextRequest(prompt, max_new_tokens, sampling)])
+    return with_prompt(tokenizer, prompt, c)
+
+
+def with_prompt(tokenizer: Tokenizer, prompt: str, c: TextCompletion) -> str:
+    """The prompt and its completion as one text, decoded together (token ids stay
+    space-separated; a character split across the boundary decodes whole)."""
+    ids = np.concatenate([encode_prompt(tokenizer, prompt), np.asarray(c.tokens, np.int32)])
+    return tokenizer.decode(ids.astype(np.int32))

@@ -6,7 +6,8 @@ device). Every module of jaxsys, the Pallas kernels included, uses these letters
 meaning for them.
 
     B  batch (sequences)                 b  rows of one microbatch on one device
-    T  sequence (query positions)        S  key/value positions (= T in self-attention)
+    T  sequence (query positions)        S  key/value positions (= T in self-attention; the
+                                            slots of a KV cache when decoding)
     D  embed (model width)               E  head size (`model.head_dim`)
     H  query heads                       K  key/value heads (`model.num_kv_heads`)
     G  query heads per K/V head (H / K)  F  MLP hidden (`model.mlp_dim`)
@@ -16,6 +17,7 @@ meaning for them.
     M  pipeline microbatches (`pipeline.microbatches`)
     P  pipeline stages (`mesh.pipe`)     C  layer chunks per stage (`pipeline.virtual_stages`)
     N  pipeline schedule ticks           Z  pipeline stash slots
+    O  new-token slots of a generation   R  draft tokens of one speculative round (γ)
 
 Logical axes (names, not letters) are what parameters and activations are annotated with;
 `jaxsys.parallel.rules` maps them onto mesh axes, and model code never names a mesh axis:

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxsys.config import ModelConfig
-from jaxsys.model import hooks
+from jaxsys.model import attention as attention_lib
+from jaxsys.model import hooks, kv_cache
 from jaxsys.model.axes import ACT_BTD, H_BTF, KV_BTKE, Q_BTHE
 
 REMAT_POLICIES = {
@@ -79,10 +80,14 @@ def rope(x_BTHE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
 
 
 class Attention(nn.Module):
+    """Self-attention; with a `cache`, the new tokens' K/V are written into it first and the
+    queries attend over the whole cache by position (`attention.cached_attention`)."""
+
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
+                 cache: kv_cache.LayerCache | None = None) -> tuple[jax.Array, kv_cache.LayerCache | None]:
         cfg = self.cfg
         D, H, K, E = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
@@ -112,14 +117,19 @@ class Attention(nn.Module):
         k_BTKE = hooks.constrain(k_BTKE, KV_BTKE)
         v_BTKE = hooks.constrain(v_BTKE, KV_BTKE)
 
-        o_BTHE = hooks.attention(q_BTHE, k_BTKE, v_BTKE, impl=cfg.attention, causal=True)
+        if cache is None:
+            o_BTHE = hooks.attention(q_BTHE, k_BTKE, v_BTKE, impl=cfg.attention, causal=True)
+        else:  # decoding: the new tokens sit at positions start .. start + T - 1 of their row
+            cache = kv_cache.write(cache, k_BTKE, v_BTKE, positions_BT[:, 0])
+            k_BKSE, v_BKSE = kv_cache.read(cache, cdt)
+            o_BTHE = attention_lib.cached_attention(q_BTHE, k_BKSE, v_BKSE, positions_BT)
         o_BTHE = hooks.constrain(o_BTHE, Q_BTHE)
         # Row-parallel: all-reduce of the partial sums into the residual (SP: reduce-scatter).
         y_BTD = hooks.row_matmul("bthe,hed->btd", o_BTHE, wo_HED.astype(cdt),
                              Q_BTHE, ("heads", "head_dim", "embed"), ACT_BTD)
         if cfg.family == "gpt2":
             y_BTD += param(self, "bo", (D,), ("embed",), 0.0, pdt).astype(cdt)
-        return y_BTD
+        return y_BTD, cache
 
 
 class Mlp(nn.Module):
@@ -155,17 +165,19 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block. `__call__(carry, _)` has the signature `nn.scan` expects."""
+    """Pre-norm residual block: `(x, positions, cache) -> (x, cache)`, the (carry, scanned
+    output) signature `nn.scan` expects; the cache is None when training."""
 
     cfg: ModelConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, None]:
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
+                 cache: kv_cache.LayerCache | None = None) -> tuple[jax.Array, kv_cache.LayerCache | None]:
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        h_BTD = Attention(cfg, name="attn")(Norm(cfg, name="ln_attn")(x_BTD), positions_BT)
+        h_BTD, cache = Attention(cfg, name="attn")(Norm(cfg, name="ln_attn")(x_BTD), positions_BT, cache)
         x_BTD = hooks.constrain(x_BTD + drop(h_BTD), ACT_BTD)
         h_BTD = Mlp(cfg, name="mlp")(Norm(cfg, name="ln_mlp")(x_BTD))
         x_BTD = hooks.constrain(x_BTD + drop(h_BTD), ACT_BTD)
-        return x_BTD, None
+        return x_BTD, cache

@@ -33,7 +33,7 @@ from jaxsys.parallel.manual import constrain_to, shard_map
 from jaxsys.parallel.rules import ACTIVATION_RULES, Rules, logical_to_spec
 
 
-def _dividing_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, rules: Rules) -> P:
+def dividing_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, rules: Rules) -> P:
     """The rules' spec, with dimensions that do not divide over their mesh axes left whole
     (e.g. the batch of 1 that initialisation traces with)."""
     spec = logical_to_spec(logical, rules)
@@ -54,8 +54,8 @@ def sharded_attention(mesh: Mesh, rules: Rules, q_BTHE: jax.Array, k_BSKE: jax.A
     if impl != "pallas":
         return attention_lib.attention(q_BTHE, k_BSKE, v_BSKE, impl=impl, causal=causal)
     kernel = functools.partial(attention_lib.pallas_attention, causal=causal)
-    q_spec = _dividing_spec(("batch", None, "heads", "head_dim"), q_BTHE.shape, mesh, rules)
-    kv_spec = _dividing_spec(("batch", None, "kv_heads", "head_dim"), k_BSKE.shape, mesh, rules)
+    q_spec = dividing_spec(("batch", None, "heads", "head_dim"), q_BTHE.shape, mesh, rules)
+    kv_spec = dividing_spec(("batch", None, "kv_heads", "head_dim"), k_BSKE.shape, mesh, rules)
     return shard_map(kernel, mesh, mesh.axis_names, in_specs=(q_spec, kv_spec, kv_spec),
                      out_specs=q_spec, check_vma=False)(q_BTHE, k_BSKE, v_BSKE)
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsys.config.presets import tiny
-from jaxsys.inference.sampling import generate
+from jaxsys.inference.sampling import generate_recompute as generate
 from jaxsys.model.transformer import Transformer
 
 
