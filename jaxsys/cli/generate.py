@@ -94,11 +94,21 @@ def _text_request(fields: dict, where: str) -> Any:
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(fields["prompt"], str) or not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise ConfigError(f"{where}: \"prompt\" must be a string and \"stop\" a string or a list of strings.")
-    if not isinstance(fields["max_new_tokens"], int) or fields["max_new_tokens"] < 0:
+    if not _is(fields["max_new_tokens"], int) or fields["max_new_tokens"] < 0:
         raise ConfigError(f"{where}: max_new_tokens={fields['max_new_tokens']!r} must be an integer ≥ 0.")
     names = [f.name for f in SamplingParams.__dataclass_fields__.values()]
+    for name in names:  # JSON can carry any type: a wrong one is this line's error, not a crash
+        kind = int if name in ("top_k", "seed") else float
+        if not _is(fields[name], kind):
+            raise ConfigError(f"{where}: {name}={fields[name]!r} must be {'an integer' if kind is int else 'a number'}.")
     return TextRequest(fields["prompt"], fields["max_new_tokens"],
                        SamplingParams(**{k: fields[k] for k in names}), tuple(stop))
+
+
+def _is(value: Any, kind: type) -> bool:
+    """`value` is an int (kind int) or a number (kind float); JSON booleans are neither."""
+    allowed = (int,) if kind is int else (int, float)
+    return isinstance(value, allowed) and not isinstance(value, bool)
 
 
 def read_requests(path: str | Path, defaults: dict) -> list[Any]:
@@ -139,6 +149,9 @@ def _engine(args: argparse.Namespace, requests: list[Any]) -> tuple[Any, Any, An
     from jaxsys.inference.sampling import to_requests
     from jaxsys.inference.speculative import check_speculative
     from jaxsys.model.transformer import Transformer
+    if getattr(args, "logprobs", False) and args.draft_run_dir:
+        raise ConfigError("--logprobs is not available with --draft-run-dir (speculative decoding does not "
+                          "score the tokens it accepts); drop one of them.")
     cfg, tokenizer = read_run(args.run_dir)
     token_requests = to_requests(tokenizer, requests)
     draft_cfg = None

@@ -1,7 +1,7 @@
 """KV-cache generation for a batch of requests: one prefill, then a compiled decode loop.
 
 Shapes (`jaxsys.model.axes`): B requests, T prompt positions (a bucket), S cache slots, V vocabulary,
-O new-token slots (the largest `max_new_tokens` of the batch).
+O new-token slots (the largest `max_new_tokens` of the batch, bucketed).
 
 How a batch runs:
 1. **Prefill.** Prompts of different lengths are right-padded to one bucket T (a power of two
@@ -19,8 +19,8 @@ How a batch runs:
    after them: learned positions (gpt2) cannot go past `seq_len`, and RoPE models do the same
    so both families behave alike. A prompt longer than `seq_len` is refused.
 
-Each shape compiles once: the prefill per (B, T, S), the decode loop per (B, S, O) (and per
-bucket of stop ids per row: 16, 32, ...); the cache
+Each shape compiles once: the prefill per (B, T, S), the decode loop per (B, S, O) with O the
+largest `max_new_tokens` rounded up to a bucket (and per bucket of stop ids per row); the cache
 is donated from step to step. `Generator.compiles` counts the traces, so a run of mixed prompt
 lengths costs one prefill compile per bucket it touches. A row's output depends only on its own
 request (its tokens, settings and seed), never on the rest of the batch.
@@ -241,7 +241,7 @@ class Generator:
         max_new = max(r.max_new_tokens for r in requests)
         slots = bucket(max(len(r.prompt_ids) + r.max_new_tokens for r in requests), T)
         history = [list(map(int, r.prompt_ids)) for r in requests]
-        carry = self._start(history, slots, max(max_new, 1))
+        carry = self._start(history, slots, bucket(max_new, 1 << 30))  # O: bucketed, few shapes
         carry["done_B"] = jnp.asarray([r.max_new_tokens == 0 for r in requests])
         carry["seen_BV"] = self._seen(history)
         arrays = stack_params([r.sampling for r in requests])
