@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxsys.config import ConfigError
 from jaxsys.inference import placement
@@ -163,6 +163,7 @@ def decode_loop(model: Transformer, params: Any, carry: dict, arrays: SamplerArr
     return jax.lax.while_loop(cond, body, carry)
 
 
+@partial(jax.jit, static_argnames=("stacked",))
 def _select_rows(rows_B: jax.Array, new: Any, old: Any, stacked: bool) -> Any:
     axis = 1 if stacked else 0
 
@@ -245,11 +246,16 @@ class Generator:
         carry["done_B"] = jnp.asarray([r.max_new_tokens == 0 for r in requests])
         carry["seen_BV"] = self._seen(history)
         arrays = stack_params([r.sampling for r in requests])
-        keys_B = jax.vmap(jax.random.key)(jnp.asarray([r.sampling.seed for r in requests], jnp.uint32))
+        keys_B = jax.random.wrap_key_data(jnp.stack([jax.random.key_data(jax.random.key(r.sampling.seed))
+                                                     for r in requests]))
         width = bucket(max([len(r.stop_ids) for r in requests] + [1]), 1 << 30)  # few shapes
-        stop_BM = jnp.asarray([list(r.stop_ids) + [-1] * (width - len(r.stop_ids)) for r in requests], jnp.int32)
-        max_new_B = jnp.asarray([r.max_new_tokens for r in requests], jnp.int32)
-        steps = jnp.asarray(chunk or np.iinfo(np.int32).max, jnp.int32)
+        stop_BM = np.asarray([list(r.stop_ids) + [-1] * (width - len(r.stop_ids)) for r in requests], np.int32)
+        max_new_B = np.asarray([r.max_new_tokens for r in requests], np.int32)
+        steps = np.asarray(chunk or np.iinfo(np.int32).max, np.int32)
+        # Commit every input where the loop's outputs will live: a loop called again (chunks,
+        # slides) with the same avals but other shardings would compile again.
+        carry, arrays, keys_B, stop_BM, max_new_B, steps = self._commit(
+            (carry, arrays, keys_B, stop_BM, max_new_B, steps))
         while True:
             carry = decode_loop(self.model, self.params, carry, arrays, keys_B, stop_BM, max_new_B, steps,
                                 num_tokens=self.num_tokens, mesh=self.mesh)
@@ -261,13 +267,22 @@ class Generator:
                 if len(finish):
                     done = done.copy()
                     done[list(finish)] = True
-                    carry["done_B"] = jnp.asarray(done)
+                    carry["done_B"] = self._commit(done)
             if done.all():
                 break
             full = (~done) & (np.asarray(carry["length_B"]) >= slots)
             if full.any():
                 carry = self._slide(carry, requests, full)
         return self._completions(carry, requests)
+
+    def _commit(self, tree: Any) -> Any:
+        """`tree` committed to the one device, or replicated on the mesh (caches keep theirs)."""
+        if self.mesh is None:
+            return jax.device_put(tree, jax.devices()[0])
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        is_cache = lambda x: isinstance(x, kv_cache.LayerCache)  # noqa: E731
+        return jax.tree_util.tree_map(lambda x: x if is_cache(x) else jax.device_put(x, replicated), tree,
+                                      is_leaf=is_cache)
 
     def _start(self, history: list[list[int]], slots: int, max_new: int) -> dict:
         B = len(history)
@@ -296,7 +311,7 @@ class Generator:
 
     def _slide(self, carry: dict, requests: Sequence[Request], full_B: np.ndarray) -> dict:
         """Re-prefill the last seq_len // 2 tokens of each row in `full_B` into its cache (the
-    rows' pending logits, from their full context, are kept)."""
+        rows' pending logits, from their full context, are kept)."""
         keep = self.cfg.seq_len // 2
         n = np.asarray(carry["n_B"])
         out = np.asarray(carry["tokens_BO"])
@@ -310,7 +325,7 @@ class Generator:
         carry["caches"] = _select_rows(rows_B, caches, carry["caches"], self.cfg.scan_layers)
         # The row's next token is still predicted from its full context (the logits the loop
         # stopped with); the re-prefill's own logits are not needed.
-        carry["length_B"] = jnp.where(rows_B, lengths_B, carry["length_B"])
+        carry["length_B"] = self._commit(np.where(full_B, np.asarray(lengths_B), np.asarray(carry["length_B"])))
         return carry
 
     def _completions(self, carry: dict, requests: Sequence[Request]) -> list[Completion]:

@@ -108,6 +108,7 @@ def _assert_same_curve(got, want):
     assert want[0][1] != want[-1][1]
 
 
+@pytest.mark.slow  # long: the default run stays under its time budget
 def test_two_processes_equal_one_process_and_restore_across_counts(tmp_path):
     env = _env(tmp_path / "cache")
     launch = ["launch", "--processes", "2", "--", "train", "--devices", "2", *ARGS]

@@ -104,6 +104,7 @@ def _stash_temp_bytes(schedule, p, m):
     return prog.x_slots, compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow  # long: the default run stays under its time budget
 def test_1f1b_memory_is_flat_in_m_while_gpipe_grows():
     p = 2
     slot_bytes = 8 * 16 * 32 * 4  # rows × seq × embed × float32

@@ -176,6 +176,7 @@ def _assert_same(got, want):
 
 
 # ----------------------------------------------------------------------------- the reference
+@pytest.mark.slow  # long: the default run stays under its time budget
 def test_padded_reference_is_the_forward_pass_of_the_sequence_so_far():
     for name, n in ((GPT2, 3), (LLAMA, 11)):
         model, params = _setup(name)
@@ -368,6 +369,7 @@ def test_chunked_generation_equals_one_loop_and_can_finish_rows_early():
 
 
 # ----------------------------------------------------------------------------- 5. compiles
+@pytest.mark.slow  # long: the default run stays under its time budget
 def test_one_prefill_trace_per_batch_prompt_bucket_and_cache_size():
     # A model no other test uses (one layer, context 32, an MLP of unusual width), so every shape
     # here is new. T is the prompt bucket, S the cache slots, O the new-token slots (decode's

@@ -155,7 +155,7 @@ def test_generation_on_a_mesh_equals_one_device(name, data, tensor, batch):
 
 
 @pytest.mark.parametrize("name,data,tensor", [
-    pytest.param("gpt2", 2, 4, id="gpt2-data2xtensor4"),
+    pytest.param("gpt2", 2, 4, id="gpt2-data2xtensor4", marks=pytest.mark.slow),
     pytest.param("llama-gqa", 4, 2, id="llama-gqa-data4xtensor2", marks=pytest.mark.slow),
 ])
 def test_int8_weights_on_a_mesh_give_the_tokens_of_int8_on_one_device(name, data, tensor):
@@ -183,6 +183,7 @@ def _draft(mesh):
     return Generator(Transformer(cfg), lively_params(cfg, 5), mesh=mesh)
 
 
+@pytest.mark.slow  # long: the default run stays under its time budget
 def test_speculative_decoding_on_a_mesh_is_the_targets_greedy_output():
     model, params = _setup("gpt2")
     mesh = _mesh(4, 2)

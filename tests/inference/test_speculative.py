@@ -35,7 +35,7 @@ def _pair(family: str, vocab: int = 256, seq_len: int = 48, sharpen: float = 1.0
     return gens
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_greedy_speculative_output_is_the_greedy_target_output(family):
     target, draft = _pair(family)
     greedy = SamplingParams(temperature=0)
@@ -74,6 +74,7 @@ def test_sampled_tokens_follow_the_target_distribution_exactly():
     assert 0.0 < stats.acceptance_rate < 1.0
 
 
+@pytest.mark.slow  # long: the default run stays under its time budget
 def test_stop_ids_end_a_row_inside_a_round():
     target, _ = _pair("gpt2")
     greedy = SamplingParams(temperature=0)

@@ -190,6 +190,7 @@ def test_rollbacks_are_bounded_and_stop_is_the_default(tmp_path):
               devices)
 
 
+@pytest.mark.slow  # long: the default run stays under its time budget
 def test_chaos_three_kill_9_match_the_uninterrupted_run(tmp_path):
     r = chaos_resume.run(kills=3, seed=1, overrides=["train.steps=30"], workdir=str(tmp_path))
     assert r["kills"] == 3 and r["restarts"] == 3
