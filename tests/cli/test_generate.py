@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from jaxsys.cli.main import main
+from tests.cli.test_bad_inputs import cli
 from jaxsys.config import DataConfig
 from jaxsys.data.corpus import load_corpus
 from jaxsys.inference import decode
@@ -42,16 +43,6 @@ DASHES = "-" * 60
 # stops at 3 tokens, and a sampled row with its own seed.
 LINES = [{"prompt": "JULIET:", "temperature": 0}, {"prompt": "ROMEO:", "max_new_tokens": 3},
          {"prompt": "First", "seed": 7}]
-
-
-def cli(capsys, argv: list[str]) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `jaxsys argv` run in this process."""
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse errors exit
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
