@@ -94,6 +94,7 @@ def test_wire_bytes_are_the_closed_form_minimum(overrides):
         assert explicit["reduce-scatter"] > 0 and xla["reduce-scatter"] == 0
 
 
+@pytest.mark.slow  # long: the default run stays under its time budget
 def test_dropout_runs_under_the_explicit_sync():
     """The dropout path (the step's key folded with each device's index over the batch axes)
     compiles and trains, and really drops: the gradients differ from those without dropout."""

@@ -136,6 +136,7 @@ def test_pipeline_microbatch_must_divide_over_data():
         setup(cfg, make_mesh(cfg.mesh))
 
 
+@pytest.mark.slow  # long: the default run stays under its time budget
 def test_train_step_with_accumulation_and_checkpoint_across_layouts(tmp_path):
     """The pipelined train step (with train.grad_accum=2) equals the one-device step; its
     checkpoint restores on the non-pipelined layout and back."""
