@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsys.config import ModelConfig
-from jaxsys.model import hooks, kv_cache
+from jaxsys.model import hooks
 from jaxsys.model.axes import ACT_BTD, LOGITS_BTV
 from jaxsys.model.layers import REMAT_POLICIES, Block, Norm
 
