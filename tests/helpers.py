@@ -14,6 +14,7 @@ from jaxsys.config.presets import tiny
 from jaxsys.data.batches import global_batch, local_batch
 from jaxsys.data.corpus import load_corpus
 from jaxsys.model.loss import loss
+from jaxsys.parallel import context
 from jaxsys.parallel.install import parallelize
 from jaxsys.parallel.mesh import make_mesh, replicated
 from jaxsys.parallel.rules import with_shardings
@@ -27,7 +28,7 @@ def tiny_cfg(*overrides: str) -> Config:
 
 def layout(cfg: Config) -> Setup:
     """Setup on exactly as many devices as the mesh asks for (1 when every axis is 1)."""
-    sizes = [getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor", "pipe")]
+    sizes = [getattr(cfg.mesh, a) for a in ("data", "fsdp", "context", "tensor", "pipe")]
     n = math.prod(sizes) if -1 not in sizes else len(jax.devices())
     return setup(cfg, make_mesh(cfg.mesh, jax.devices()[:n]))
 
@@ -38,14 +39,21 @@ def host_batch(cfg: Config, step: int = 0) -> dict[str, np.ndarray]:
                        cfg.model.seq_len)
 
 
+def _laid_out(s: Setup, batch):
+    """The batch in the sequence layout of `s` (zigzag under context parallelism), as the train
+    step lays it out."""
+    return context.reorder_batch(s.cfg, s.mesh.shape["context"], batch)
+
+
 def loss_and_grads(s: Setup, params_host, batch_host):
-    """Loss and gradients computed with `s`'s shardings; returns host numpy trees."""
+    """Loss and gradients computed with `s`'s shardings and activation rules (sequence or
+    context parallel as `s.cfg` says); returns host numpy trees."""
     params = jax.device_put(params_host, s.state_sharding.params)
     batch = jax.device_put(batch_host, s.batch_sharding)
-    fn = jax.jit(jax.value_and_grad(lambda p, b: loss(s.model, p, b, None)),
+    fn = jax.jit(jax.value_and_grad(lambda p, b: loss(s.model, p, _laid_out(s, b), None)),
                  in_shardings=(s.state_sharding.params, s.batch_sharding),
                  out_shardings=(replicated(s.mesh), s.state_sharding.params))
-    with parallelize(s.mesh):
+    with parallelize(s.mesh, s.activation_rules, s.cfg.context_parallel):
         loss_, grads = fn(params, batch)
     return float(loss_), jax.device_get(grads)
 
@@ -56,10 +64,10 @@ def grad_hlo(s: Setup) -> str:
     tokens = jax.ShapeDtypeStruct((s.cfg.train.batch_size, s.cfg.model.seq_len), jnp.int32,
                                   sharding=s.batch_sharding)
     params = with_shardings(s.abstract_params, s.state_sharding.params)
-    fn = jax.jit(jax.value_and_grad(lambda p, b: loss(s.model, p, b, None)),
+    fn = jax.jit(jax.value_and_grad(lambda p, b: loss(s.model, p, _laid_out(s, b), None)),
                  in_shardings=(s.state_sharding.params, s.batch_sharding),
                  out_shardings=(replicated(s.mesh), s.grad_sharding))
-    with parallelize(s.mesh, s.activation_rules):
+    with parallelize(s.mesh, s.activation_rules, s.cfg.context_parallel):
         return fn.lower(params, {"inputs": tokens, "targets": tokens}).compile().as_text()
 
 

@@ -16,9 +16,10 @@ from jaxsys.config.overrides import (all_keys, apply_overrides, from_dict, from_
                                      to_json)
 from jaxsys.config.schema import (CheckpointConfig, Config, ConfigError, DataConfig, FaultsConfig,
                                   LoggingConfig, LRScheduleConfig, MeshConfig, ModelConfig,
-                                  OptimizerConfig, PipelineConfig, TrainConfig)
+                                  OptimizerConfig, PipelineConfig, TrainConfig,
+                                  ContextParallelConfig)
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "FaultsConfig", "LoggingConfig",
-           "LRScheduleConfig", "MeshConfig", "ModelConfig", "OptimizerConfig", "PipelineConfig",
+           "LRScheduleConfig", "MeshConfig", "ModelConfig", "OptimizerConfig", "PipelineConfig", "ContextParallelConfig",
            "TrainConfig", "all_keys", "apply_overrides", "from_dict", "from_file", "suggest", "to_dict",
            "to_json", "validate"]

@@ -67,6 +67,9 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     pipe: int = 1
+    # Context parallelism: every activation's sequence split over `context`
+    # (jaxsys.parallel.context; how attention sees the whole sequence: `context_parallel`).
+    context: int = 1
     # What the `fsdp` axis (the ZeRO axis) shards: 0 nothing (plain data parallel), 1 the AdamW
     # moments, 2 + gradients, 3 + parameters (FSDP). `data` always replicates.
     zero_stage: int = 3
@@ -169,6 +172,19 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class ContextParallelConfig:
+    """How attention sees the whole sequence when `mesh.context` > 1 (jaxsys.parallel.context).
+
+    kinds: ``all-gather`` (K and V gathered over `context`, queries stay local), ``ring`` (K/V
+    blocks rotate around the ring, partial outputs merged by log-sum-exp), ``ulysses`` (all-to-all
+    from sequence-split to head-split and back). `load_balance` reorders the sequence zigzag
+    (device i holds chunks i and 2c-1-i) so every device does the same causal attention work."""
+
+    kind: Literal["all-gather", "ring", "ulysses"] = "ring"
+    load_balance: bool = True
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpoints in `<run_dir>/checkpoints`; every 0 disables saving."""
 
@@ -210,6 +226,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    context_parallel: ContextParallelConfig = field(default_factory=ContextParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)

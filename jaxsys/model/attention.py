@@ -32,6 +32,41 @@ def xla_attention(q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, *,
     return _attend(q_BTHE, k_BSKE, v_BSKE, mask_TS, scale)
 
 
+def attention_with_lse(q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, *, causal: bool,
+                       mask_TS: jax.Array | None = None, scale: float | None = None,
+                       impl: str = "xla") -> tuple[jax.Array, jax.Array]:
+    """Attention of one block of queries over one block of keys, with its log-sum-exp: (o
+    [B, T, H, E] float32, lse [B, H, T] float32, natural log of each query's softmax
+    denominator). `causal` aligns the mask bottom-right (T <= S); `mask_TS` (True = visible) is
+    an extra mask, XLA only. `impl="pallas"` runs the flash kernel, which returns the lse itself.
+    Partial results over disjoint key blocks merge exactly by their lse (ring attention)."""
+    if impl == "pallas":
+        if mask_TS is not None:
+            raise ValueError("attention_with_lse: the Pallas kernel takes no extra mask.")
+        from pallas_kernels.flash_attention import flash_attention_with_lse, resolve_interpret
+        o_BTHE, lse_BHT = flash_attention_with_lse(q_BTHE, k_BSKE, v_BSKE, causal=causal, sm_scale=scale,
+                                                   interpret=resolve_interpret(None))
+        return o_BTHE.astype(jnp.float32), lse_BHT
+    B, T, H, E = q_BTHE.shape
+    S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
+    logits_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE,
+                              preferred_element_type=jnp.float32) * scale
+    if causal:
+        mask_TS = _and(mask_TS, jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :])
+    if mask_TS is not None:
+        logits_BKGTS = jnp.where(mask_TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
+    lse_BKGT = jax.nn.logsumexp(logits_BKGTS, axis=-1)
+    probs_BKGTS = jnp.exp(logits_BKGTS - lse_BKGT[..., None]).astype(v_BSKE.dtype)
+    o_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE, preferred_element_type=jnp.float32)
+    return o_BTKGE.reshape(B, T, H, E), lse_BKGT.reshape(B, H, T)
+
+
+def _and(a: jax.Array | None, b: jax.Array) -> jax.Array:
+    return b if a is None else a & b
+
+
 def cached_attention(q_BTHE: jax.Array, k_BKSE: jax.Array, v_BKSE: jax.Array, positions_BT: jax.Array,
                      *, scale: float | None = None) -> jax.Array:
     """Attention of new queries over a KV cache in its heads-major layout (`jaxsys.model.

@@ -13,7 +13,9 @@ import jax
 from jaxsys.model import hooks
 from jaxsys.model.transformer import Transformer
 
-Batch = dict[str, jax.Array]  # {"inputs": int32[B, T], "targets": int32[B, T]}
+# {"inputs": int32[B, T], "targets": int32[B, T]}, and "positions" int32[B, T] when the tokens
+# are not in order (a context-parallel layout, `jaxsys.parallel.context.reorder_batch`).
+Batch = dict[str, jax.Array]
 
 
 def mean_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
@@ -23,11 +25,12 @@ def mean_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Arra
 
 def loss(model: Transformer, params: Any, batch: Batch, dropout_key: jax.Array | None) -> jax.Array:
     """The model's mean loss on `batch`; with dropout when `dropout_key` is given."""
+    positions_BT = batch.get("positions")
     if dropout_key is None:
-        logits_BTV = model.apply({"params": params}, batch["inputs"])
+        logits_BTV = model.apply({"params": params}, batch["inputs"], positions_BT)
     else:
         logits_BTV = model.clone(deterministic=False).apply(
-            {"params": params}, batch["inputs"], rngs={"dropout": dropout_key})
+            {"params": params}, batch["inputs"], positions_BT, rngs={"dropout": dropout_key})
     return mean_cross_entropy(logits_BTV, batch["targets"])
 
 

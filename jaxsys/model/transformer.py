@@ -77,9 +77,12 @@ class Transformer(nn.Module):
         if c.family != "gpt2":
             self.head_DV = _declare(self, "head", (c.embed_dim, c.vocab_size), ("embed", "vocab"), pdt)
 
-    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
+        """`positions_BT`: each token's position when the tokens are not in order 0 .. T-1 (a
+        context-parallel layout); the causal mask is then the attention hook's to apply."""
         embed_VD = hooks.use_weight(self.embed_VD, _EMBED_VD)  # used twice when tied: fetched once
-        return self.head(self.blocks(self.embed(tokens_BT, embed_VD)), embed_VD)
+        x_BTD = self.embed(tokens_BT, embed_VD, positions_BT)
+        return self.head(self.blocks(x_BTD, positions_BT), embed_VD)
 
     def embed(self, tokens_BT: jax.Array, embed_VD: jax.Array | None = None,
               positions_BT: jax.Array | None = None) -> jax.Array:
@@ -99,10 +102,12 @@ class Transformer(nn.Module):
             x_BTD = x_BTD + pos.astype(c.compute_dtype)
         return hooks.constrain(self.Dropout_0(x_BTD), ACT_BTD)
 
-    def blocks(self, x_BTD: jax.Array) -> jax.Array:
-        """Every layer in order: [B, T, D] -> [B, T, D]."""
+    def blocks(self, x_BTD: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
+        """Every layer in order: [B, T, D] -> [B, T, D] (positions 0 .. T-1 unless given)."""
         B, T = x_BTD.shape[:2]
-        return self._layers(x_BTD, jnp.broadcast_to(jnp.arange(T), (B, T)), None)[0]
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+        return self._layers(x_BTD, positions_BT, None)[0]
 
     def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, caches: Any,
                logits_at_B: jax.Array | None = None) -> tuple[jax.Array, Any]:

@@ -8,7 +8,8 @@ the block, every hook of `jaxsys.model.hooks` is the version for `mesh` under th
     constrain, use_weight   sharding constraints by `rules` (`manual.constrain_to`)
     column_matmul, row_matmul, embed_lookup, cross_entropy
                             Megatron tensor / sequence parallelism (`jaxsys.parallel.tensor`)
-    attention               the Pallas kernel under `shard_map` (GSPMD cannot split a pallas_call)
+    attention               the Pallas kernel under `shard_map` (GSPMD cannot split a pallas_call);
+                            with mesh.context > 1, `jaxsys.parallel.context` (all-gather, ring, Ulysses)
     stored_shape            unchanged; `jaxsys.parallel.zero` swaps it (and use_weight) for the
                             ZeRO-3 gather inside its manual region
 
@@ -20,28 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from typing import Iterator
 
 import jax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+
+from jaxsys.config import ContextParallelConfig
 
 from jaxsys.model import attention as attention_lib
 from jaxsys.model import hooks
 from jaxsys.parallel import tensor
-from jaxsys.parallel.manual import constrain_to, shard_map
+from jaxsys.parallel import context as context_lib
+from jaxsys.parallel.manual import constrain_to, dividing_spec, shard_map
 from jaxsys.parallel.rules import ACTIVATION_RULES, Rules, logical_to_spec
-
-
-def dividing_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, rules: Rules) -> P:
-    """The rules' spec, with dimensions that do not divide over their mesh axes left whole
-    (e.g. the batch of 1 that initialisation traces with)."""
-    spec = logical_to_spec(logical, rules)
-    entries = []
-    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        entries.append(axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None)
-    return P(*entries)
 
 
 def sharded_attention(mesh: Mesh, rules: Rules, q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array,
@@ -60,22 +52,29 @@ def sharded_attention(mesh: Mesh, rules: Rules, q_BTHE: jax.Array, k_BSKE: jax.A
                      out_specs=q_spec, check_vma=False)(q_BTHE, k_BSKE, v_BSKE)
 
 
-def parallel_hooks(mesh: Mesh, rules: Rules = ACTIVATION_RULES) -> hooks.Hooks:
-    """The model's hooks for `mesh` under the activation `rules`."""
+def parallel_hooks(mesh: Mesh, rules: Rules = ACTIVATION_RULES,
+                   context: ContextParallelConfig | None = None) -> hooks.Hooks:
+    """The model's hooks for `mesh` under the activation `rules`; on a mesh whose `context`
+    axis is > 1, attention is context-parallel as `context` says (default: ring, zigzag)."""
     constrain = functools.partial(constrain_to, mesh, rules)
+    attention = functools.partial(sharded_attention, mesh, rules)
+    if dict(mesh.shape).get("context", 1) > 1:
+        attention = functools.partial(context_lib.context_attention, mesh, rules,
+                                      context or ContextParallelConfig())
     return hooks.Hooks(
         constrain=constrain,
         use_weight=constrain,  # stored by PARAM_RULES, used by the activation rules
         column_matmul=functools.partial(tensor.column_parallel, mesh, rules),
         row_matmul=functools.partial(tensor.row_parallel, mesh, rules),
         embed_lookup=functools.partial(tensor.embed_lookup, mesh, rules),
-        attention=functools.partial(sharded_attention, mesh, rules),
+        attention=attention,
         cross_entropy=functools.partial(tensor.cross_entropy, mesh, rules),
     )
 
 
 @contextlib.contextmanager
-def parallelize(mesh: Mesh, rules: Rules = ACTIVATION_RULES) -> Iterator[hooks.Hooks]:
+def parallelize(mesh: Mesh, rules: Rules = ACTIVATION_RULES,
+                context: ContextParallelConfig | None = None) -> Iterator[hooks.Hooks]:
     """Trace the model laid out on `mesh` inside this block (see the module docstring)."""
-    with hooks.installed(parallel_hooks(mesh, rules)) as installed:
+    with hooks.installed(parallel_hooks(mesh, rules, context)) as installed:
         yield installed

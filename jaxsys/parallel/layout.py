@@ -18,6 +18,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxsys.config import Config, ConfigError
 from jaxsys.model.params import path_str
+from jaxsys.parallel.context import check_context
 from jaxsys.parallel.mesh import resolve_mesh_shape
 from jaxsys.parallel.pipeline.program import make_schedule
 from jaxsys.parallel.rules import logical_to_spec, optimizer_rules
@@ -61,6 +62,7 @@ def check_layout(cfg: Config, mesh: Mesh, abstract_params: Any, logical_specs: A
         )
     if sizes["pipe"] > 1:
         _check_pipeline(cfg, sizes)
+    check_context(cfg, sizes)
 
     flat_shapes = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
     flat_specs = jax.tree_util.tree_leaves(logical_specs, is_leaf=lambda x: isinstance(x, P))

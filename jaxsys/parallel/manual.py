@@ -9,6 +9,7 @@ drop the manual axes, so `jaxsys.parallel.tensor` reads the same everywhere.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -75,3 +76,14 @@ def tensor_local(fn: Any, x: jax.Array, logical_axes: Sequence[str | None]) -> j
         return fn(x)
     spec = P(*[e if e == "tensor" else None for e in logical_to_spec(logical_axes, PARAM_RULES)])
     return shard_map(fn, mesh, {"tensor"}, in_specs=spec, out_specs=spec, check_vma=False)(x)
+
+
+def dividing_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, rules: Rules) -> P:
+    """The rules' spec, with dimensions that do not divide over their mesh axes left whole
+    (e.g. the batch of 1 that initialisation traces with)."""
+    spec = logical_to_spec(logical, rules)
+    entries = []
+    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        entries.append(axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None)
+    return P(*entries)

@@ -1,7 +1,8 @@
 """The device mesh: its axes, their sizes from `MeshConfig`, and the one name of a layout.
 
-Axes, outermost to innermost: pipe, data, fsdp, tensor (`tensor` innermost so its devices are
-neighbours: the fastest links). The batch is split over data × fsdp (`DATA_AXES`).
+Axes, outermost to innermost: pipe, data, fsdp, context, tensor (`tensor` innermost so its
+devices are neighbours: the fastest links; `context` next, so a ring's neighbours are close).
+The batch is split over data × fsdp (`DATA_AXES`), the sequence over context.
 
 The mesh uses `AxisType.Auto`: we state shardings for inputs, outputs and a few activations
 and let XLA's SPMD partitioner choose the collectives. (On `Explicit` meshes, the default of
@@ -18,7 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsys.config import ConfigError, MeshConfig
 
-MESH_AXES = ("pipe", "data", "fsdp", "tensor")
+MESH_AXES = ("pipe", "data", "fsdp", "context", "tensor")
 DATA_AXES = ("data", "fsdp")  # the batch dimension is split over both
 
 
@@ -55,7 +56,7 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int, num_processes: in
     elif fixed != num_devices:
         raise ConfigError(
             f"The mesh {'of all 1s' if layout == '1 device' else layout} has {fixed} devices but {num_devices} are available. "
-            f"Make the product of mesh.data, mesh.fsdp, mesh.tensor and mesh.pipe equal {num_devices} "
+            f"Make the product of mesh.data, mesh.fsdp, mesh.context, mesh.tensor and mesh.pipe equal {num_devices} "
             f"(e.g. set mesh.data=-1 to use the rest); {_cpu_hint(fixed, num_processes)}."
         )
     return sizes

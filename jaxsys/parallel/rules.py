@@ -1,7 +1,7 @@
 """The rules tables: the one place where logical axis names meet mesh axes.
 
 Model code names only *logical* axes (batch, seq, embed, heads, kv_heads, head_dim, mlp,
-vocab, layers). Two rule tables map them onto the mesh axes (data, fsdp, tensor, pipe):
+vocab, layers). Two rule tables map them onto the mesh axes (data, fsdp, context, tensor, pipe):
 `PARAM_RULES` for parameters (and so gradients and optimizer state, which follow them) and
 `ACTIVATION_RULES` for activations, as Levanter separates parameter and compute mappings.
 
@@ -23,6 +23,9 @@ vocab, layers). Two rule tables map them onto the mesh axes (data, fsdp, tensor,
   residual adds hold 1/tensor of the sequence; the all-reduce becomes a reduce-scatter into the
   residual and an all-gather before the next column-parallel matmul. Attention's own `seq`
   stays unsharded (a `seq` → tensor rule would clash with `heads` → tensor).
+- Context parallelism (`mesh.context`): `seq` and `residual_seq` → `context`, so every
+  activation holds 1/context of the sequence; attention, the one place that needs the whole
+  sequence, is `jaxsys.parallel.context` (all-gather, ring or Ulysses).
 
 A new strategy that only moves arrays is a new table (or a derived one, like the per-ZeRO-stage
 tables below); one that needs its own collectives is one module of `jaxsys.parallel` that
@@ -82,7 +85,10 @@ def optimizer_rules(mesh_cfg: MeshConfig) -> Rules:
 
 
 def activation_rules(mesh_cfg: MeshConfig) -> Rules:
-    """Rules for activations; with sequence parallelism the residual stream is split over tensor."""
+    """Rules for activations; with sequence parallelism the residual stream is split over
+    tensor; with context parallelism (`mesh.context` != 1) every sequence axis over context."""
+    if mesh_cfg.context != 1:
+        return tuple((k, "context" if k in ("seq", "residual_seq") else v) for k, v in ACTIVATION_RULES)
     if not mesh_cfg.sequence_parallel:
         return ACTIVATION_RULES
     return tuple((k, "tensor" if k == "residual_seq" else v) for k, v in ACTIVATION_RULES)

@@ -83,7 +83,7 @@ def init_state(s: Setup, seed: int) -> TrainState:
     def init(key: jax.Array) -> TrainState:
         params = init_params(s.cfg.model, key)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=s.tx.init(params))
-    with parallelize(s.mesh, s.activation_rules):
+    with parallelize(s.mesh, s.activation_rules, s.cfg.context_parallel):
         return jax.jit(init, out_shardings=s.state_sharding)(jax.random.key(seed))
 
 

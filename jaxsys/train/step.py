@@ -23,7 +23,7 @@ from jaxsys.data.batches import split_microbatches
 from jaxsys.model import hooks
 from jaxsys.model.axes import TOKENS_BT
 from jaxsys.model.loss import Batch, loss
-from jaxsys.parallel import zero
+from jaxsys.parallel import context, zero
 from jaxsys.parallel.install import parallelize
 from jaxsys.parallel.mesh import replicated
 from jaxsys.parallel.pipeline.executor import pipeline_grads
@@ -101,6 +101,7 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(base_key, state.step) if use_dropout else None
+        batch = context.reorder_batch(cfg, s.mesh.shape["context"], batch)  # zigzag, if on
         loss_, grads = loss_and_grads(state.params, batch, key)
         if cfg.faults.nan_steps:
             loss_, grads = _poison(cfg, state.step, loss_, grads)
@@ -124,7 +125,7 @@ def compile_train_step(s: Setup) -> Any:
                                   sharding=s.batch_sharding)
     step = jax.jit(make_train_step(s), in_shardings=(s.state_sharding, s.batch_sharding),
                    out_shardings=(s.state_sharding, replicated(s.mesh)), donate_argnums=0)
-    with parallelize(s.mesh, s.activation_rules):
+    with parallelize(s.mesh, s.activation_rules, s.cfg.context_parallel):
         return step.lower(state, {"inputs": tokens, "targets": tokens}).compile()
 
 
@@ -132,8 +133,9 @@ def compile_eval_step(s: Setup, batch_size: int) -> Any:
     """Compiled `eval_step(params, batch) -> loss` (no dropout)."""
     param_abstract = with_shardings(s.abstract_params, s.state_sharding.params)
     tokens = jax.ShapeDtypeStruct((batch_size, s.cfg.model.seq_len), jnp.int32, sharding=s.batch_sharding)
-    fn = jax.jit(lambda p, b: loss(s.model, p, b, None),
+    reorder = functools.partial(context.reorder_batch, s.cfg, s.mesh.shape["context"])
+    fn = jax.jit(lambda p, b: loss(s.model, p, reorder(b), None),
                  in_shardings=(s.state_sharding.params, s.batch_sharding),
                  out_shardings=replicated(s.mesh))
-    with parallelize(s.mesh, s.activation_rules):
+    with parallelize(s.mesh, s.activation_rules, s.cfg.context_parallel):
         return fn.lower(param_abstract, {"inputs": tokens, "targets": tokens}).compile()

@@ -1,0 +1,146 @@
+"""Ring attention over the `context` axis: K/V blocks travel around the ring, queries stay.
+
+Runs inside a `shard_map` that is manual over `context` (`jaxsys.parallel.context`). Device i
+of c holds one block of the sequence: its queries q, keys k and values v ([b, t, h, E] and
+[b, t, k, E], t = T / c positions). At ring step r it attends its queries over the K/V block
+that started on device (i - r) mod c, and passes that block on to device i + 1 with `ppermute`.
+Each step gives a partial output and its log-sum-exp (`attention.attention_with_lse`); the
+partials merge exactly by online softmax:
+
+    lse = logaddexp(lse, lse_r);   o = o · exp(lse_old - lse) + o_r · exp(lse_r - lse)
+
+The backward is a ring too (a `jax.custom_vjp`, so no step's K/V block is kept for autodiff):
+the K/V blocks travel the same way again, each with a float32 dK/dV accumulator that every
+device adds its share to; after c sends the accumulator is home. A step's share comes from
+`jax.vjp` of that step's block attention with the cotangents of the merge: with w_r =
+exp(lse_r - lse), the block's output gets w_r · dO and its lse gets w_r · Σ_E dO·(o_r - o).
+
+Causal masks (queries see keys at positions ≤ their own) are exact per block and skip work:
+- contiguous layout (device i holds chunk i): a block from an earlier device is seen whole,
+  one from a later device not at all (skipped: its lse is -inf, its weight 0);
+- zigzag layout (device i holds chunks i and 2c-1-i, `context.layout_order`): a block from an
+  earlier device is seen by all queries but only in its first half; one from a later device
+  only by the second half of the queries, whole. Every step r > 0 is half a block's work on
+  every device: the load balance.
+Step 0 (the device's own block) is the causal diagonal in both layouts: positions increase
+along a device's local block, so the plain causal mask is the positional one.
+
+Shapes: b rows, t local positions, h query heads, k K/V heads on this device, E head size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxsys.model.attention import attention_with_lse
+
+AXIS = "context"
+
+
+@dataclasses.dataclass(frozen=True)
+class RingStatics:
+    """What the ring needs at trace time: the ring's size, the mask, the layout, the kernel."""
+
+    size: int  # c, the context axis size
+    causal: bool
+    zigzag: bool
+    impl: str  # "xla" or "pallas": the block attention
+    scale: float | None = None
+
+
+def ring_attention(q_bthE: jax.Array, k_btkE: jax.Array, v_btkE: jax.Array, st: RingStatics) -> jax.Array:
+    """This device's attention output [b, t, h, E] (q's dtype) over the whole ring's K/V."""
+    return _ring(st, q_bthE, k_btkE, v_btkE)
+
+
+def _weight(lse_r_bht: jax.Array, lse_bht: jax.Array) -> jax.Array:
+    """exp(lse_r - lse) as [b, t, h, 1]: a block's share of the merged softmax."""
+    return jnp.exp(lse_r_bht - lse_bht).transpose(0, 2, 1)[..., None]
+
+
+def _skipped(q_bthE: jax.Array) -> tuple[jax.Array, jax.Array]:
+    b, t, h, _ = q_bthE.shape
+    return jnp.zeros(q_bthE.shape, jnp.float32), jnp.full((b, h, t), -jnp.inf, jnp.float32)
+
+
+def _block(st: RingStatics, r: int, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(o float32 [b, t, h, E], lse [b, h, t]) of this device's queries over the K/V block that
+    started on device (i - r) mod c, with the causal mask exact for the layout."""
+    attend = functools.partial(attention_with_lse, impl=st.impl, scale=st.scale)
+    if r == 0:
+        return attend(q, k, v, causal=st.causal)
+    if not st.causal:
+        return attend(q, k, v, causal=False)
+    i = jax.lax.axis_index(AXIS)
+    earlier = (i - r) % st.size < i  # the block's owner precedes this device
+    if not st.zigzag:
+        return jax.lax.cond(earlier, lambda: attend(q, k, v, causal=False), lambda: _skipped(q))
+    half = q.shape[1] // 2
+
+    def first_half_of_keys():
+        return attend(q, k[:, :half], v[:, :half], causal=False)
+
+    def second_half_of_queries():
+        o_bthE, lse_bht = attend(q[:, half:], k, v, causal=False)
+        zero_o, none_lse = _skipped(q[:, :half])
+        return (jnp.concatenate([zero_o, o_bthE], axis=1), jnp.concatenate([none_lse, lse_bht], axis=2))
+
+    return jax.lax.cond(earlier, first_half_of_keys, second_half_of_queries)
+
+
+def _send(x):
+    """Pass a pytree of blocks to the next device of the ring (device j -> j + 1)."""
+    size = jax.lax.axis_size(AXIS)
+    return jax.lax.ppermute(x, AXIS, [(j, (j + 1) % size) for j in range(size)])
+
+
+def _forward(st: RingStatics, q, k, v) -> tuple[jax.Array, jax.Array]:
+    """Merged (o float32, lse) over every block of the ring."""
+    o, lse = None, None
+    kv = (k, v)
+    for r in range(st.size):
+        nxt = _send(kv) if r < st.size - 1 else None  # sent while this block is attended
+        o_r, lse_r = _block(st, r, q, *kv)
+        if o is None:
+            o, lse = o_r, lse_r
+        else:
+            merged = jnp.logaddexp(lse, lse_r)
+            o = o * _weight(lse, merged) + o_r * _weight(lse_r, merged)
+            lse = merged
+        kv = nxt
+    return o, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(st: RingStatics, q, k, v):
+    return _forward(st, q, k, v)[0].astype(q.dtype)
+
+
+def _ring_fwd(st: RingStatics, q, k, v):
+    o, lse = _forward(st, q, k, v)
+    return o.astype(q.dtype), (q, k, v, o, lse)
+
+
+def _ring_bwd(st: RingStatics, res, do_bthE):
+    q, k, v, o, lse = res
+    do = do_bthE.astype(jnp.float32)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    kv, dkv = (k, v), (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    for r in range(st.size):
+        (o_r, lse_r), vjp = jax.vjp(lambda q_, k_, v_: _block(st, r, q_, k_, v_), q, *kv)
+        w = _weight(lse_r, lse)
+        dlse_r = (w[..., 0] * jnp.einsum("bthe,bthe->bth", do, o_r - o)).transpose(0, 2, 1)
+        dq_r, dk_r, dv_r = vjp((w * do, dlse_r))
+        dq = dq + dq_r.astype(jnp.float32)
+        dkv = (dkv[0] + dk_r.astype(jnp.float32), dkv[1] + dv_r.astype(jnp.float32))
+        if r < st.size - 1:
+            kv = _send(kv)
+        dkv = _send(dkv)  # after c sends each accumulator is back on its block's device
+    return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
