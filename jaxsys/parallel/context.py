@@ -66,10 +66,11 @@ def zigzag(cfg: Config) -> bool:
 
 def reorder_batch(cfg: Config, context: int, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """`batch` ([B, T] inputs and targets) in the layout order of a `context`-way split, with
-    the natural `positions` of each token; unchanged without zigzag."""
-    if context == 1 or not cfg.context_parallel.load_balance:
+    the natural `positions` of each token (also in contiguous order: a device that holds part
+    of the sequence cannot count its positions from 0); unchanged when context is 1."""
+    if context == 1:
         return batch
-    order_T = layout_order(batch["inputs"].shape[1], context, True)
+    order_T = layout_order(batch["inputs"].shape[1], context, cfg.context_parallel.load_balance)
     out = {k: v[:, order_T] for k, v in batch.items()}
     out["positions"] = jnp.broadcast_to(jnp.asarray(order_T), batch["inputs"].shape)
     return out

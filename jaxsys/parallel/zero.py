@@ -7,8 +7,10 @@ that rewrites all-reduce + slice into a reduce-scatter; XLA:CPU has none), and t
 embedding's two gradient contributions (lookup and output head) are all-reduced separately.
 
 Here the loss and gradients of a step run inside `jax.shard_map`, manual over the batch axes
-(data, fsdp; `tensor` stays with XLA, and `jaxsys.parallel.tensor`'s own shard_maps nest inside), each
-device on its own rows, and the sync is the ZeRO paper's, stage by stage (`mesh.zero_stage`):
+(data, fsdp) and `context` (`tensor` stays with XLA, and `jaxsys.parallel.tensor`'s and
+`jaxsys.parallel.context`'s own shard_maps nest inside), each device on its own rows and its own
+share of their positions, and the sync is the ZeRO paper's, stage by stage (`mesh.zero_stage`),
+with `context` reduced alongside `data` (its devices hold parameters whole, like data's):
 
 - 0: all-reduce every gradient over data × fsdp (one all-reduce over both axes), once per
   step, after accumulation.
@@ -54,11 +56,16 @@ Batch = dict[str, jax.Array]
 GradFn = Callable[[Any, Batch, Any], tuple[jax.Array, Any]]
 
 
+# The region's manual axes: the batch axes, and `context`, which splits the sequence of every
+# row: its devices' gradients are partial sums over their tokens, reduced with data's.
+SYNC_AXES = (*DATA_AXES, "context")
+
+
 def uses_explicit_sync(cfg: Config, mesh: Mesh) -> bool:
     """Does the train step sync gradients here (rather than leave it to XLA)?"""
     sizes = dict(mesh.shape)
     return (cfg.mesh.grad_sync == "explicit" and sizes["pipe"] == 1
-            and sizes["data"] * sizes["fsdp"] > 1)
+            and sizes["data"] * sizes["fsdp"] * sizes["context"] > 1)
 
 
 def _fsdp_dim(logical: P, rules: Rules) -> int | None:
@@ -132,17 +139,18 @@ class _SyncPlan:
                                        for g, lg, o, e in zip(flat, self.logical, self.out, self.early)])
 
     def finish(self, grads: Any) -> Any:
-        """Reduce what is not reduced yet, then divide by data × fsdp (the mean over devices)."""
-        ways = self.sizes["data"] * self.sizes["fsdp"]
+        """Reduce what is not reduced yet, then divide by data × fsdp × context (the mean over
+        devices: each holds as many tokens)."""
+        ways = self.sizes["data"] * self.sizes["fsdp"] * self.sizes["context"]
         result = []
         for g, lg, st, o, e in zip(self.treedef.flatten_up_to(grads), self.logical, self.stored,
                                    self.out, self.early):
             if st is not None or e:  # reduced over fsdp already (a transpose, or per microbatch)
-                axes: tuple[str, ...] = ("data",)
+                axes: tuple[str, ...] = ("data", "context")
             elif o is not None:  # ZeRO-1: reduce-scatter over fsdp now
-                g, axes = _reduce_scatter(g, o, lg), ("data",)
-            else:  # not split over fsdp: one all-reduce over data × fsdp
-                axes = DATA_AXES
+                g, axes = _reduce_scatter(g, o, lg), ("data", "context")
+            else:  # not split over fsdp: one all-reduce over data × fsdp × context
+                axes = SYNC_AXES
             result.append(tensor_local(lambda x, a=axes: psum_live(x, a, self.sizes) / ways, g, tuple(lg)))
         return self.treedef.unflatten(result)
 
@@ -160,19 +168,19 @@ def make_synced_grads(cfg: Config, mesh: Mesh, logical_specs: Any,
     logical `PartitionSpec`s. The returned grads are split over fsdp for stages 1–3 (the layout of
     the AdamW moments) and whole for stage 0; call it inside `jax.jit`."""
     plan = _SyncPlan.make(cfg, mesh, logical_specs)
-    ways = plan.sizes["data"] * plan.sizes["fsdp"]
+    ways = plan.sizes["data"] * plan.sizes["fsdp"] * plan.sizes["context"]
 
     def local(params: Any, batch: Batch, key: Any) -> tuple[jax.Array, Any]:
         if key is not None:  # different dropout masks per device
-            key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXES))
+            key = jax.random.fold_in(key, jax.lax.axis_index(SYNC_AXES))
         with hooks.installed(gathering_weights(hooks.current(), param_rules(cfg.mesh))):
             loss, grads = accumulate(grad_fn, params, batch, key, plan.scatter_early)
-        return psum_live(loss, DATA_AXES, plan.sizes) / ways, plan.finish(grads)
+        return psum_live(loss, SYNC_AXES, plan.sizes) / ways, plan.finish(grads)
 
     in_params, out_grads = plan.specs(plan.stored), plan.specs(plan.out)
 
     def loss_and_grads(params: Any, batch: Batch, key: Any) -> tuple[jax.Array, Any]:
-        batch_specs = {k: P(DATA_AXES) for k in batch}
+        batch_specs = {k: P(DATA_AXES, "context") for k in batch}  # [B, T]: rows, and positions
         if key is None:
             fn, args, in_specs = (lambda p, b: local(p, b, None)), (params, batch), (in_params, batch_specs)
         else:
@@ -180,7 +188,7 @@ def make_synced_grads(cfg: Config, mesh: Mesh, logical_specs: Any,
         # check_vma=False: with it on, JAX's AD would psum the gradient of every parameter that
         # enters replicated (the transpose of its implicit broadcast to the per-device rows), an
         # all-reduce per use; the sync here is the only one.
-        return shard_map(fn, mesh, DATA_AXES, in_specs=in_specs,
+        return shard_map(fn, mesh, SYNC_AXES, in_specs=in_specs,
                          out_specs=(P(), out_grads), check_vma=False)(*args)
 
     return loss_and_grads
