@@ -78,13 +78,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def layout_name(sizes: dict[str, int], zero_stage: int | None = None, sequence_parallel: bool = False) -> str:
+def layout_name(sizes: dict[str, int], zero_stage: int | None = None, sequence_parallel: bool = False,
+                context_kind: str | None = None) -> str:
     """The one way jaxsys names a layout: the axes whose size is not 1, joined by " × "
-    (``data=2 × tensor=4``), then ``zero=S`` when fsdp > 1 (if `zero_stage` is given) and
-    ``sp`` under sequence parallelism over tensor > 1; ``1 device`` when every axis is 1."""
+    (``data=2 × tensor=4``), then ``zero=S`` when fsdp > 1 (if `zero_stage` is given),
+    ``sp`` under sequence parallelism over tensor > 1, and the context-parallel kind (``ring``,
+    ``all-gather``, ``ulysses``, if given) when context > 1; ``1 device`` when every axis is 1."""
     name = " × ".join(f"{a}={sizes[a]}" for a in MESH_AXES if sizes.get(a, 1) != 1) or "1 device"
     if zero_stage is not None and sizes.get("fsdp", 1) > 1:
         name += f" zero={zero_stage}"
     if sequence_parallel and sizes.get("tensor", 1) > 1:
         name += " sp"
+    if context_kind and sizes.get("context", 1) != 1:
+        name += f" {context_kind}"
     return name

@@ -14,7 +14,9 @@ the K/V blocks travel again, each with a float32 dK/dV accumulator that every de
 share to; after c sends the accumulator is home. They travel the other way round (i -> i - 1):
 sent the same way as in the forward, XLA merged the two rings' identical sends (measured: 14
 instead of 20 per layer at c = 4) and so kept every rotated block alive from the forward to the
-backward, the memory the ring is there to save. A step's share comes from
+backward, the memory the ring is there to save. (At c = 2 both ways are the same swap, and XLA
+merges the one K/V send of each: one extra block kept per layer. An optimization barrier on
+the residuals did not stop it.) A step's share comes from
 `jax.vjp` of that step's block attention with the cotangents of the merge: with w_r =
 exp(lse_r - lse), the block's output gets w_r · dO and its lse gets w_r · Σ_E dO·(o_r - o).
 

@@ -33,6 +33,7 @@ from jaxsys.config import Config, ConfigError, apply_overrides
 from jaxsys.config.hardware import get_accelerator
 from jaxsys.model.flops import flops_per_token
 from jaxsys.model.params import count_params
+from jaxsys.parallel import context as context_lib
 from jaxsys.parallel import rules
 from jaxsys.parallel.mesh import MESH_AXES, layout_name as mesh_layout_name, make_mesh
 from jaxsys.tools import hlo_stats, roofline
@@ -61,18 +62,24 @@ def closed_form_activations(cfg: Config, sizes: dict[str, int]) -> float:
     """Korthikanti et al. 2022 (Eqs. 1–2) per device, in the compute dtype, without dropout
     masks: per layer sbD·(4 + A/t) + a·s²·b/t elements without SP, sbD·(4 + A)/t + a·s²·b/t with
     SP, sbD (/t with SP) with full remat; A = QKV + attention-output + MLP inputs/outputs in
-    units of D. Plus the fp32 logits and their gradient, sbV/t each."""
+    units of D. Plus the fp32 logits and their gradient, sbV/t each.
+
+    Under context parallelism (c = mesh.context) s is this device's T/c positions, and the
+    saved attention probabilities are a·(T/c)·T·b/t for all-gather (local queries, every key),
+    (a/c)·T²·b/t for Ulysses (every position, a/c heads) and none for the ring, whose backward
+    recomputes each block from q, k, v and the log-sum-exp (flash-attention style)."""
     m = cfg.model.resolved()
-    t = sizes["tensor"]
+    t, c = sizes["tensor"], sizes.get("context", 1)
     b = cfg.train.batch_size // cfg.train.grad_accum // (sizes["data"] * sizes["fsdp"])
-    s, D = m.seq_len, m.embed_dim
-    mlp = (2 if m.family == "gpt2" else 3) * m.mlp_dim / D
-    A = ((m.num_heads + 2 * m.num_kv_heads) * m.head_dim + m.num_heads * m.head_dim) / D + mlp
+    T, D = m.seq_len, m.embed_dim
+    s = T // c
+    scores = {"all-gather": s * T, "ulysses": T * T / c, "ring": 0.0}[cfg.context_parallel.kind] if c > 1 else s * s
+    A = _width_units(m)
     sp = cfg.mesh.sequence_parallel
     if m.remat == "full":
         per_layer = s * b * D / (t if sp else 1)
     else:
-        per_layer = s * b * D * ((4 + A) / t if sp else 4 + A / t) + m.num_heads * s * s * b / t
+        per_layer = s * b * D * ((4 + A) / t if sp else 4 + A / t) + m.num_heads * scores * b / t
     beta = np.dtype(m.compute_dtype).itemsize
     return m.num_layers * per_layer * beta + 2 * s * b * m.vocab_size / t * 4
 
@@ -85,28 +92,66 @@ def closed_form_comm(cfg: Config, sizes: dict[str, int], tp_param_bytes: float) 
     all-gathers plus reduce-scatters (same wire bytes), and 3 all-reduces of b·T fp32 in the
     vocab-parallel loss. DP/ZeRO on P = parameter bytes per tensor shard: stage 0 all-reduce over
     data×fsdp; stages 1–3 reduce-scatter over fsdp + all-reduce of the 1/z shard over data +
-    all-gather over fsdp (stage 3 gathers weights before use, 1–2 gather updated parameters)."""
+    all-gather over fsdp (stage 3 gathers weights before use, 1–2 gather updated parameters).
+    Context parallelism (c = mesh.context) divides the TP activations by c, reduces gradients
+    over context with data's, and adds its attention's collectives (`closed_form_context`)."""
     m, M = cfg.model, cfg.train.grad_accum
-    t, z, d = sizes["tensor"], sizes["fsdp"], sizes["data"]
+    t, z, d, c = sizes["tensor"], sizes["fsdp"], sizes["data"], sizes.get("context", 1)
     out = {k: 0.0 for k in hlo_stats.KINDS}
     if t > 1:
         b = cfg.train.batch_size // M // (d * z)
-        act = b * m.seq_len * m.embed_dim * np.dtype(m.compute_dtype).itemsize
+        act = b * m.seq_len // c * m.embed_dim * np.dtype(m.compute_dtype).itemsize
         n = 4 * m.num_layers + 2 + (2 * m.num_layers if m.remat == "full" else 0)
         if cfg.mesh.sequence_parallel:
             out["all-gather"] += M * n * (t - 1) / t * act
             out["reduce-scatter"] += M * n * (t - 1) / t * act
         else:
             out["all-reduce"] += M * n * 2 * (t - 1) / t * act
-        out["all-reduce"] += M * 3 * 2 * (t - 1) / t * b * m.seq_len * 4
-    n = d * z
+        out["all-reduce"] += M * 3 * 2 * (t - 1) / t * b * m.seq_len // c * 4
+    n, dc = d * z * c, d * c
     if cfg.mesh.zero_stage == 0 or z == 1:
         out["all-reduce"] += 2 * (n - 1) / n * tp_param_bytes
     else:
         out["reduce-scatter"] += (z - 1) / z * tp_param_bytes
-        out["all-reduce"] += 2 * (d - 1) / d * tp_param_bytes / z
+        out["all-reduce"] += 2 * (dc - 1) / dc * tp_param_bytes / z
         out["all-gather"] += (z - 1) / z * tp_param_bytes
+    for kind, wire in closed_form_context(cfg, sizes).items():
+        out[kind] += wire
     return out
+
+
+def closed_form_context(cfg: Config, sizes: dict[str, int]) -> dict[str, float]:
+    """Wire bytes per device per step of context-parallel attention, by collective kind.
+
+    Per layer and microbatch, with kv = b·(T/c)·(K/t)·E bytes of one local K or V block
+    (compute dtype; kv32 the same in float32) and c = mesh.context:
+    ring: forward (c-1) sends of K and V, backward (c-1) of K and V again plus c of the float32
+    dK and dV accumulators: 4(c-1)·kv + 2c·kv32 (collective-permute, payload = wire); at c = 2
+    XLA merges the backward's K/V swap with the forward's (`ring_attention`): 2·kv + 4·kv32;
+    all-gather: K and V gathered forward, dK and dV reduce-scattered backward: 2·(c-1)·kv each;
+    Ulysses: q, k, v and o all-to-all forward and their cotangents backward: 2·(c-1)/c·(2H + 2K)
+    /K·kv. Full remat runs each forward's collectives a second time."""
+    c = sizes.get("context", 1)
+    out: dict[str, float] = {}
+    if c == 1:
+        return out
+    m, M = cfg.model.resolved(), cfg.train.grad_accum
+    t = sizes["tensor"]
+    b = cfg.train.batch_size // M // (sizes["data"] * sizes["fsdp"])
+    elems = b * (m.seq_len // c) * (m.num_kv_heads // t) * m.head_dim
+    kv, kv32 = elems * np.dtype(m.compute_dtype).itemsize, elems * 4
+    again = 1 if m.remat == "full" else 0  # the forward's collectives once more in the backward
+    kind = cfg.context_parallel.kind
+    if kind == "ring":
+        backward_kv = 0 if c == 2 else 2 * (c - 1) * kv  # (c = 2: merged with a forward send, measured)
+        out["collective-permute"] = 2 * (c - 1) * kv * (1 + again) + backward_kv + 2 * c * kv32
+    elif kind == "all-gather":
+        out["all-gather"] = 2 * (c - 1) * kv * (1 + again)
+        out["reduce-scatter"] = 2 * (c - 1) * kv
+    else:
+        per_pass = (c - 1) / c * (2 * m.num_heads + 2 * m.num_kv_heads) / m.num_kv_heads * kv
+        out["all-to-all"] = per_pass * (2 + again)
+    return {k: v * M * m.num_layers for k, v in out.items()}
 
 
 @dataclasses.dataclass
@@ -142,7 +187,13 @@ class Plan:
 def layout_name(cfg: Config) -> str:
     """`jaxsys.parallel.mesh.layout_name` of `cfg.mesh` as configured, with ZeRO stage and SP."""
     m = cfg.mesh
-    return mesh_layout_name({a: getattr(m, a) for a in MESH_AXES}, m.zero_stage, m.sequence_parallel)
+    return mesh_layout_name({a: getattr(m, a) for a in MESH_AXES}, m.zero_stage, m.sequence_parallel,
+                            _kind_name(cfg))
+
+
+def _kind_name(cfg: Config) -> str:
+    cp = cfg.context_parallel
+    return cp.kind + ("" if cp.load_balance else " contiguous")
 
 
 def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") -> Plan:
@@ -194,8 +245,9 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
     est = roofline.estimate(acc, flops, hbm, comm_s, bf16)
 
     m = cfg.mesh
-    layout = {"name": mesh_layout_name(sizes, m.zero_stage, m.sequence_parallel), "devices": n_dev,
-              "data": sizes["data"], "fsdp": sizes["fsdp"],
+    layout = {"name": mesh_layout_name(sizes, m.zero_stage, m.sequence_parallel, _kind_name(cfg)),
+              "devices": n_dev, "data": sizes["data"], "fsdp": sizes["fsdp"], "context": sizes["context"],
+              "context_kind": cfg.context_parallel.kind if sizes["context"] > 1 else None,
               "tensor": sizes["tensor"], "zero_stage": m.zero_stage,
               "sequence_parallel": m.sequence_parallel, "grad_sync": m.grad_sync,
               "accelerator": acc.name, "params": n_params}
@@ -205,16 +257,39 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
                 flops, flops_formula, est, compile_s)
 
 
+def long_sequence(cfg: Config) -> bool:
+    """Is the sequence long enough for `search` to consider context parallelism? When a layer's
+    saved attention probabilities (H·T² per sequence) outweigh its other activations (T·D·(4 +
+    A), `closed_form_activations`): then T, not the width, is what memory scales with."""
+    m = cfg.model.resolved()
+    return m.num_heads * m.seq_len > m.embed_dim * (4 + _width_units(m))
+
+
+def _width_units(m: Any) -> float:
+    """A of the activation formula: QKV, attention output and MLP activations in units of D."""
+    mlp = (2 if m.family == "gpt2" else 3) * m.mlp_dim / m.embed_dim
+    return ((m.num_heads + 2 * m.num_kv_heads) * m.head_dim + m.num_heads * m.head_dim) / m.embed_dim + mlp
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def candidate_layouts(n_devices: int, cfg: Config) -> list[list[str]]:
-    """Every data × fsdp × tensor (× ZeRO stage when fsdp > 1, × SP when tensor > 1) for N."""
+    """Every data × fsdp × tensor (× ZeRO stage when fsdp > 1, × SP when tensor > 1) for N; for
+    a `long_sequence`, also every context > 1 with each context-parallel kind (without SP)."""
+    contexts = _divisors(n_devices) if long_sequence(cfg) else [1]
     out = []
-    for t in (d for d in range(1, n_devices + 1) if n_devices % d == 0):
-        for z in (d for d in range(1, n_devices // t + 1) if (n_devices // t) % d == 0):
-            d = n_devices // t // z
-            for stage in ((0, 1, 2, 3) if z > 1 else (cfg.mesh.zero_stage,)):
-                for sp in ((False, True) if t > 1 else (False,)):
-                    out.append([f"mesh.data={d}", f"mesh.fsdp={z}", f"mesh.tensor={t}",
-                                f"mesh.zero_stage={stage}", f"mesh.sequence_parallel={sp}"])
+    for c in contexts:
+        for t in _divisors(n_devices // c):
+            for z in _divisors(n_devices // c // t):
+                d = n_devices // c // t // z
+                for stage in ((0, 1, 2, 3) if z > 1 else (cfg.mesh.zero_stage,)):
+                    for sp in ((False, True) if t > 1 and c == 1 else (False,)):
+                        for kind in (context_lib.KINDS if c > 1 else (cfg.context_parallel.kind,)):
+                            out.append([f"mesh.data={d}", f"mesh.fsdp={z}", f"mesh.tensor={t}",
+                                        f"mesh.context={c}", f"context_parallel.kind={kind}",
+                                        f"mesh.zero_stage={stage}", f"mesh.sequence_parallel={sp}"])
     return out
 
 
