@@ -20,6 +20,11 @@ the residuals did not stop it.) A step's share comes from
 `jax.vjp` of that step's block attention with the cotangents of the merge: with w_r =
 exp(lse_r - lse), the block's output gets w_r · dO and its lse gets w_r · Σ_E dO·(o_r - o).
 
+The steps after the first run in a `lax.scan`, so one block's scores exist at a time: per-device
+temporaries fall as (T/c)², and the longest sequence a memory budget allows grows linearly with
+c (unrolled, XLA kept every step's block alive at once: ~T²/c). A block is sent on at the start
+of the step that attends the previous one; the two are independent, free to overlap.
+
 Causal masks (queries see keys at positions ≤ their own) are exact per block and skip work:
 - contiguous layout (device i holds chunk i): a block from an earlier device is seen whole,
   one from a later device not at all (skipped: its lse is -inf, its weight 0);
@@ -72,11 +77,13 @@ def _skipped(q_bthE: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.zeros(q_bthE.shape, jnp.float32), jnp.full((b, h, t), -jnp.inf, jnp.float32)
 
 
-def _block(st: RingStatics, shift: int, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _block(st: RingStatics, shift: jax.Array | int, q: jax.Array, k: jax.Array, v: jax.Array,
+           diagonal: bool = False) -> tuple[jax.Array, jax.Array]:
     """(o float32 [b, t, h, E], lse [b, h, t]) of this device's queries over the K/V block that
-    started on device (i - shift) mod c, with the causal mask exact for the layout."""
+    started on device (i - shift) mod c (`diagonal`: its own block), with the causal mask exact
+    for the layout."""
     attend = functools.partial(attention_with_lse, impl=st.impl, scale=st.scale)
-    if shift % st.size == 0:
+    if diagonal:
         return attend(q, k, v, causal=st.causal)
     if not st.causal:
         return attend(q, k, v, causal=False)
@@ -103,20 +110,30 @@ def _send(x, step: int = 1):
     return jax.lax.ppermute(x, AXIS, [(j, (j + step) % size) for j in range(size)])
 
 
+def _steps(size: int, body, carry):
+    """`carry = body(carry, r, last)` for ring steps r = 1 .. size-1: a `lax.scan` over all but
+    the last (one block's temporaries at a time: unrolled, XLA kept every step's score block
+    alive at once, measured ~T²/c per device), then the last, which sends nothing further."""
+    if size > 2:
+        carry, _ = jax.lax.scan(lambda cr, r: (body(cr, r, False), None), carry, jnp.arange(1, size - 1))
+    return body(carry, size - 1, True)
+
+
 def _forward(st: RingStatics, q, k, v) -> tuple[jax.Array, jax.Array]:
     """Merged (o float32, lse) over every block of the ring."""
-    o, lse = None, None
-    kv = (k, v)
-    for r in range(st.size):
-        nxt = _send(kv) if r < st.size - 1 else None  # sent while this block is attended
+    kv = _send((k, v)) if st.size > 1 else None  # the next block travels while this one is attended
+    o, lse = _block(st, 0, q, k, v, diagonal=True)
+    if st.size == 1:
+        return o, lse
+
+    def step(carry, r, last):
+        o, lse, kv = carry
+        nxt = kv if last else _send(kv)
         o_r, lse_r = _block(st, r, q, *kv)
-        if o is None:
-            o, lse = o_r, lse_r
-        else:
-            merged = jnp.logaddexp(lse, lse_r)
-            o = o * _weight(lse, merged) + o_r * _weight(lse_r, merged)
-            lse = merged
-        kv = nxt
+        merged = jnp.logaddexp(lse, lse_r)
+        return o * _weight(lse, merged) + o_r * _weight(lse_r, merged), merged, nxt
+
+    o, lse, _ = _steps(st.size, step, (o, lse, kv))
     return o, lse
 
 
@@ -133,19 +150,28 @@ def _ring_fwd(st: RingStatics, q, k, v):
 def _ring_bwd(st: RingStatics, res, do_bthE):
     q, k, v, o, lse = res
     do = do_bthE.astype(jnp.float32)
-    dq = jnp.zeros(q.shape, jnp.float32)
-    kv, dkv = (k, v), (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    for r in range(st.size):  # the other way round: at step r, the block of device i + r
-        (o_r, lse_r), vjp = jax.vjp(lambda q_, k_, v_: _block(st, -r, q_, k_, v_), q, *kv)
+
+    def grads(shift, kv, diagonal=False):
+        """This device's share of dq, dk, dv through the block that started on i - shift."""
+        (o_r, lse_r), vjp = jax.vjp(lambda q_, k_, v_: _block(st, shift, q_, k_, v_, diagonal), q, *kv)
         w = _weight(lse_r, lse)
         dlse_r = (w[..., 0] * jnp.einsum("bthe,bthe->bth", do, o_r - o)).transpose(0, 2, 1)
-        dq_r, dk_r, dv_r = vjp((w * do, dlse_r))
-        dq = dq + dq_r.astype(jnp.float32)
-        dkv = (dkv[0] + dk_r.astype(jnp.float32), dkv[1] + dv_r.astype(jnp.float32))
-        if r < st.size - 1:
-            kv = _send(kv, -1)
-        dkv = _send(dkv, -1)  # after c sends each accumulator is back on its block's device
-    return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype)
+        return [g.astype(jnp.float32) for g in vjp((w * do, dlse_r))]
+
+    dq, dk, dv = grads(0, (k, v), diagonal=True)
+    if st.size == 1:
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    # The other way round: at step r, the block of device i + r with its accumulator.
+    carry = (dq, _send((k, v), -1), _send((dk, dv), -1))
+
+    def step(carry, r, last):
+        dq, kv, dkv = carry
+        dq_r, dk_r, dv_r = grads(-r, kv)
+        dkv = _send((dkv[0] + dk_r, dkv[1] + dv_r), -1)  # after c sends, home
+        return dq + dq_r, (kv if last else _send(kv, -1)), dkv
+
+    dq, _, (dk, dv) = _steps(st.size, step, carry)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)

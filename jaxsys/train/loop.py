@@ -128,9 +128,10 @@ def _prepare(cfg: Config, devices: list | None) -> _Run:
     run = _Run(cfg, corpus, s, run_dir, target, count_params(s.abstract_params), changes)
     procs = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     _log(f"jaxsys: {cfg.preset or 'custom'} | {cfg.model.family} {run.num_params / 1e6:.2f}M params | "
-         f"mesh {layout_name(dict(mesh.shape))} ({mesh.devices.size} × {mesh.devices.flat[0].platform}{procs}) | "
+         f"mesh {layout_name(dict(mesh.shape), context_kind=cfg.context_parallel.kind)} ({mesh.devices.size} × {mesh.devices.flat[0].platform}{procs}) | "
          f"batch {cfg.train.batch_size}×{cfg.model.seq_len} tokens | run_dir {run_dir}", "start",
-         run_dir=str(run_dir), params=run.num_params, mesh=layout_name(dict(mesh.shape)),
+         run_dir=str(run_dir), params=run.num_params,
+         mesh=layout_name(dict(mesh.shape), context_kind=cfg.context_parallel.kind),
          devices=mesh.devices.size, processes=jax.process_count())
     return run
 
