@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print JSON instead of tables")
             p.add_argument("--accelerator", default="h100", help="roofline target: h100, h200 or a100")
             p.add_argument("--search", action="store_true",
-                           help="plan every valid data × fsdp × tensor × ZeRO × SP layout and rank them")
+                           help="plan every valid data × fsdp × tensor × ZeRO × SP layout (× context × kind for a "
+                                "long sequence) and rank them")
             p.add_argument("--memory-budget", type=_number(0, inclusive=False), default=None, metavar="GiB",
                            help="--search: drop layouts whose peak bytes per device exceed this "
                                 "(default: the accelerator's memory)")
