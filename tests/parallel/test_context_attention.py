@@ -83,10 +83,12 @@ def test_context_attention_equals_one_device(kind, heads, c, zigzag, causal):
         np.testing.assert_allclose(g, r, atol=2e-6, rtol=0, err_msg=f"d{name}")
 
 
-def test_ring_with_the_pallas_kernel_equals_one_device():
-    """Each ring step's block runs the flash kernel (interpreted on CPU), which returns the lse."""
+@pytest.mark.parametrize("kind", ["ring", "ulysses"])
+def test_the_pallas_kernel_under_context_parallelism_equals_one_device(kind):
+    """Ring: each step's block is the flash kernel (interpreted on CPU), which returns the lse;
+    Ulysses: the kernel on whole sequences of a head group, in natural order."""
     q, k, v = _qkv("gqa")
-    out, grads = _value_and_grads(_context_fn("ring", 2, True, True, impl="pallas"), q, k, v)
+    out, grads = _value_and_grads(_context_fn(kind, 2, True, True, impl="pallas"), q, k, v)
     ref_out, ref_grads = _value_and_grads(_reference(True), q, k, v)
     np.testing.assert_allclose(out, ref_out, atol=2e-6, rtol=0)
     for g, r in zip(grads, ref_grads):
