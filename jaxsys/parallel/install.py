@@ -33,7 +33,7 @@ from jaxsys.model import hooks
 from jaxsys.parallel import tensor
 from jaxsys.parallel import context as context_lib
 from jaxsys.parallel.manual import constrain_to, dividing_spec, shard_map
-from jaxsys.parallel.rules import ACTIVATION_RULES, Rules, logical_to_spec
+from jaxsys.parallel.rules import ACTIVATION_RULES, Rules
 
 
 def sharded_attention(mesh: Mesh, rules: Rules, q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array,
