@@ -6,7 +6,8 @@ _flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_d
 # The suite's time is almost all XLA:CPU compiles of tiny programs, mostly LLVM's: without its
 # optimisations they compile ~45% faster (measured on tests/model/test_model.py: 47 s -> 26 s)
 # and run slower, which tiny models do not notice. HLO passes (and so the collectives the planner tests
-# count) are unaffected. Subprocesses (CLI, launcher) inherit it. Set XLA_FLAGS yourself to
+# count) are unaffected. Subprocesses (CLI, launcher) inherit it through `tests.helpers.subprocess_env`
+# (which drops only the device count). Set XLA_FLAGS yourself to
 # override.
 if not any(f.startswith("--xla_backend_optimization_level") for f in _flags):
     _flags.append("--xla_backend_optimization_level=0")

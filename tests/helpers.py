@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,17 @@ from jaxsys.parallel.mesh import make_mesh, replicated
 from jaxsys.parallel.rules import with_shardings
 from jaxsys.train.state import Setup, TrainState, init_state, setup
 from jaxsys.train.step import compile_train_step
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a fresh jaxsys process: this one's, with XLA_FLAGS kept but for the
+    simulated device count (the child gets 1 device unless its `--devices` says otherwise).
+    Keeping `tests/conftest.py`'s `--xla_backend_optimization_level=0` measured 19.1 -> 12.0 s
+    for one `jaxsys train --preset tiny` process."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "host_platform_device_count" not in f)
+    return env
 
 
 def tiny_cfg(*overrides: str) -> Config:

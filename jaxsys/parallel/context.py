@@ -151,9 +151,11 @@ def check_context(cfg: Config, sizes: dict[str, int]) -> None:
         raise ConfigError(
             f"model.seq_len={m.seq_len} does not split into {how} = {chunks}; use a seq_len that is a "
             f"multiple of {chunks}" + (" or set context_parallel.load_balance=false." if cp.load_balance else "."))
-    if sizes.get("pipe", 1) > 1:
-        raise ConfigError("mesh.context > 1 with mesh.pipe > 1 is not supported yet; use mesh.pipe=1 "
-                          "(the pipeline traces its stages with the plain attention).")
+    if sizes.get("pipe", 1) > 1 and cp.kind == "ring":
+        raise ConfigError(
+            "context_parallel.kind=ring with mesh.pipe > 1: a pipeline stage runs attention inside "
+            "its op's branch, and a ring's sends there wait for stages that are running other ops "
+            "(measured: XLA:CPU aborts); use context_parallel.kind=all-gather or ulysses with a pipeline.")
     if cfg.mesh.sequence_parallel and sizes.get("tensor", 1) > 1:
         raise ConfigError("mesh.sequence_parallel=true splits the sequence over tensor, but mesh.context "
                           "> 1 already splits it over context; set mesh.sequence_parallel=false.")

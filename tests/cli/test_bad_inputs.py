@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 
 from jaxsys.checkpoint import integrity
 from jaxsys.cli.main import main, parse_args
+from tests.helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--preset", "tiny", "logging.progress=false", "logging.tensorboard=false", "logging.sample_tokens=0"]
@@ -258,8 +258,8 @@ def test_an_untouched_copy_resumes_and_samples(trained, tmp_path, capsys):
 
 def test_devices_and_distributed_errors_before_jax_starts(tmp_path):
     """What needs a fresh process: `--distributed` with no cluster to join."""
-    env = {k: v for k, v in os.environ.items()
-           if k != "XLA_FLAGS" and not k.startswith(("SLURM_", "OMPI_", "JAXSYS_", "KUBERNETES_"))}
+    env = {k: v for k, v in subprocess_env().items()
+           if not k.startswith(("SLURM_", "OMPI_", "JAXSYS_", "KUBERNETES_"))}
     run = subprocess.run([sys.executable, "-m", "jaxsys", "train", "--distributed", *TINY, "run_dir=x"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     lines = [line for line in run.stderr.splitlines() if line.strip()]

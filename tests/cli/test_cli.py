@@ -1,14 +1,15 @@
 """The command line, end to end in a fresh process (so `--devices` acts before jax starts)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import subprocess_env
+
 
 def jaxsys(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env()
     return subprocess.run([sys.executable, "-m", "jaxsys", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -78,7 +79,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_continues_exactly(tmp_path):
 
     args = ["train", "--preset", "tiny", "mesh.data=1", "train.eval_every=0", "train.log_every=1",
             "checkpoint.every=100000", "logging.progress=false", "logging.sample_tokens=0"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-m", "jaxsys", *args, "train.steps=100000", "run_dir=run"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # wait until training has started

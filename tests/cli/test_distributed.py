@@ -1,7 +1,6 @@
 """Several processes, one mesh: `jaxsys launch` runs, each process's data, cross-count restores."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import pytest
 
 from jaxsys.cli.launch import launch as launch_processes
 
+from tests.helpers import subprocess_env
+
 ARGS = ["--preset", "tiny", "mesh.data=2", "mesh.fsdp=2", "train.eval_every=0", "train.log_every=1",
         "checkpoint.every=100000", "logging.progress=false", "logging.tensorboard=false",
         "logging.sample_tokens=0"]
@@ -21,7 +22,7 @@ ARGS = ["--preset", "tiny", "mesh.data=2", "mesh.fsdp=2", "train.eval_every=0", 
 
 def _env(cache: Path) -> dict[str, str]:
     # A fresh process per run; the compilation cache makes repeated layouts start fast.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env()
     env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
@@ -80,7 +81,7 @@ def test_each_process_reads_only_its_rows(tmp_path):
                                       "local": {f"{a}:{b}": v for (a, b), v in local.items()}}), flush=True)
     """)
     out = tmp_path / "out.txt"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env()
     with open(out, "w") as f:
         proc = subprocess.run([sys.executable, "-c", "import sys; from jaxsys.cli.launch import launch; "
                                f"sys.exit(launch(2, [sys.executable, '-c', {script!r}]))"],

@@ -34,6 +34,7 @@ from tests.cli.test_bad_inputs import cli
 from jaxsys.config import DataConfig
 from jaxsys.data.corpus import load_corpus
 from jaxsys.inference import decode
+from tests.helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--preset", "tiny", "logging.progress=false", "logging.tensorboard=false", "logging.sample_tokens=0"]
@@ -289,7 +290,7 @@ def test_devices_cannot_change_an_initialised_jax(capsys, run, monkeypatch):
 @pytest.mark.slow
 def test_devices_4_tensor_2_in_a_fresh_process(capsys, run):
     """`--devices 4 --tensor 2` (data=2 × tensor=2) in a new process prints this process's text."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env()
     flags = ["--prompt", "First", "--seed", "7", *NEW]
     proc = subprocess.run([sys.executable, "-m", "jaxsys", "sample", "--run-dir", str(run), "--devices", "4",
                            "--tensor", "2", *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

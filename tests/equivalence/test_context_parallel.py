@@ -16,6 +16,7 @@ import pytest
 
 from jaxsys.config import ConfigError
 from jaxsys.parallel.context import check_context
+from tests.equivalence.test_pipeline import check_equal_to_one_device
 from tests.helpers import (layout, loss_and_grads, losses_and_params_after_steps, max_abs_diff,
                            one_device_reference, tiny_cfg)
 
@@ -73,12 +74,24 @@ def test_parameters_after_steps_equal_one_device(kind, mesh):
     (("mesh.context=4", "model.seq_len=12"), "does not split into 2 × mesh.context chunks"),
     (("mesh.context=8", "context_parallel.kind=ulysses", *MODEL["llama"]), "not divisible by mesh.context=8"),
     (("mesh.context=2", "mesh.tensor=4", "mesh.sequence_parallel=true"), "set mesh.sequence_parallel=false"),
-    (("mesh.context=2", "mesh.pipe=2", "model.num_layers=2"), "mesh.pipe > 1 is not supported"),
     (("mesh.context=2", "context_parallel.kind=all-gather", "model.attention=pallas"), "set model.attention=xla"),
+    (("mesh.context=2", "mesh.pipe=2", "model.num_layers=2", "pipeline.microbatches=2"),
+     "use context_parallel.kind=all-gather or ulysses with a pipeline"),
 ])
 def test_bad_context_layouts_are_refused_before_compiling(overrides, message):
     with pytest.raises(ConfigError, match=message):
         layout(tiny_cfg("mesh.data=1", *overrides))
+
+
+@pytest.mark.parametrize("schedule,kind,axes", [
+    ("1f1b", "all-gather", ("mesh.data=2", "mesh.context=2")),  # pipe=2 × data=2 × context=2
+    pytest.param("zb-h1", "ulysses", ("mesh.data=1", "mesh.context=4"),
+                 marks=pytest.mark.slow),
+])
+def test_pipeline_with_context_equals_one_device(schedule, kind, axes):
+    """The pipeline's stages run context-parallel attention on each device's share of the
+    sequence, at its zigzag positions; loss and gradients equal one device."""
+    check_equal_to_one_device(schedule, 2, 2, *axes, f"context_parallel.kind={kind}")
 
 
 def test_the_ring_refuses_cudnn_which_returns_no_lse():

@@ -17,6 +17,8 @@ from jaxsys.parallel.pipeline import program
 from jaxsys.parallel.pipeline.executor import pipeline_grads
 from jaxsys.parallel.rules import with_shardings
 from jaxsys.train.state import abstract_state, init_state, setup
+from jaxsys.parallel import context
+from jaxsys.parallel.install import parallelize
 from jaxsys.train.step import compile_train_step
 from tests.helpers import host_batch, layout, loss_and_grads, max_abs_diff, tiny_cfg
 
@@ -34,10 +36,12 @@ def run_pipeline(cfg, params, batch):
     """(loss, grads, executed ops [ticks, p], program) of the pipelined loss on cfg's mesh."""
     s = layout(cfg)
     prog = program.compile_schedule(program.make_schedule(cfg, cfg.mesh.pipe))
-    fn = jax.jit(lambda pa, b: pipeline_grads(cfg, s.mesh, prog, pa, b),
+    reorder = lambda b: context.reorder_batch(cfg, s.mesh.shape["context"], b)  # noqa: E731 (zigzag)
+    fn = jax.jit(lambda pa, b: pipeline_grads(cfg, s.mesh, prog, pa, reorder(b)),
                  in_shardings=(s.state_sharding.params, s.batch_sharding))
-    loss, grads, ops = fn(jax.device_put(params, s.state_sharding.params),
-                          jax.device_put(batch, s.batch_sharding))
+    with parallelize(s.mesh, s.activation_rules, cfg.context_parallel):  # (context's attention)
+        loss, grads, ops = fn(jax.device_put(params, s.state_sharding.params),
+                              jax.device_put(batch, s.batch_sharding))
     return float(loss), jax.device_get(grads), np.asarray(ops), prog
 
 

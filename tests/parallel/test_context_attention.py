@@ -65,10 +65,12 @@ def _reference(causal: bool):
 # (context, zigzag, causal): every degree with the default layout; contiguous and full.
 GEOMETRY = [(2, True, True), (4, True, True), (8, True, True), (4, False, True), (4, True, False),
             (8, False, False)]
-# The default run: per kind, the largest ring with GQA, a contiguous one and a full one; the
-# rest of the grid is marked slow (`--runslow`).
-_DEFAULT = {("gqa", 8, True, True), ("mha", 4, False, True), ("mha", 8, False, False)}
-CASES = [pytest.param(kind, heads, *g, marks=() if (heads, *g) in _DEFAULT else pytest.mark.slow)
+# The default run: per kind, the largest ring with GQA, zigzag and causal, and one contiguous
+# (the ring) or full (the others) case; the rest of the grid is marked slow (`--runslow`).
+_DEFAULT = {("ring", "gqa", 8, True, True), ("ring", "mha", 4, False, True),
+            ("all-gather", "gqa", 8, True, True), ("all-gather", "mha", 8, False, False),
+            ("ulysses", "gqa", 8, True, True), ("ulysses", "mha", 4, True, False)}
+CASES = [pytest.param(kind, heads, *g, marks=() if (kind, heads, *g) in _DEFAULT else pytest.mark.slow)
          for kind in ("all-gather", "ring", "ulysses") for heads in HEADS for g in GEOMETRY]
 
 

@@ -72,7 +72,7 @@ def _zeros(tree: Any) -> Any:
 
 
 def _embed(st: _Stage, sp: Any, tok_bT: jax.Array) -> jax.Array:
-    return st.model.apply({"params": sp}, tok_bT, method="embed")
+    return st.model.apply({"params": sp}, tok_bT, positions_BT=st.positions_bT, method="embed")
 
 
 def _loss(st: _Stage, sp: Any, y_bTD: jax.Array, tgt_bT: jax.Array) -> jax.Array:
@@ -212,33 +212,41 @@ def pipeline_grads(cfg: Config, mesh: Mesh, prog: Program, params: Any,
     shared = {k: x for k, x in params.items() if k != "layers"}
     tokens_MbT = split_microbatches(batch["inputs"], m)
     targets_MbT = split_microbatches(batch["targets"], m)
-    ways = sizes["data"] * sizes["fsdp"]
-    b, T = tokens_MbT.shape[1] // ways, tokens_MbT.shape[2]  # rows per device per microbatch
-    st = _Stage(model=Transformer(mc), block=block_fn(mc),
-                positions_bT=jnp.broadcast_to(jnp.arange(T), (b, T)),
-                act=jax.ShapeDtypeStruct((b, T, mc.embed_dim), jnp.dtype(mc.compute_dtype)),
-                microbatches=m)
+    c = sizes["context"]
+    ways = sizes["data"] * sizes["fsdp"] * c  # devices that each hold a share of the tokens
+    b, t = tokens_MbT.shape[1] // (ways // c), tokens_MbT.shape[2] // c  # per device per microbatch
+    # Every row and microbatch has the same positions (a context layout reorders them alike).
+    positions_T = batch["positions"][0] if "positions" in batch else jnp.arange(tokens_MbT.shape[2])
+    batch_axes = (*DATA_AXES, "context")
 
-    def local(layers, shared, tokens_MbT, targets_MbT):
+    def local(layers, shared, tokens_MbT, targets_MbT, positions_T):
+        st = _Stage(model=Transformer(mc), block=block_fn(mc),
+                    positions_bT=jnp.broadcast_to(positions_T, (b, t)),
+                    act=jax.ShapeDtypeStruct((b, t, mc.embed_dim), jnp.dtype(mc.compute_dtype)),
+                    microbatches=m)
         loss, dlayers, dshared, ops_N = _run_stage(st, prog, layers, shared, tokens_MbT, targets_MbT)
-        # Each data replica holds the gradients of its own rows' mean loss: average them.
+        # Each data replica (and context share) holds the gradients of its own tokens' mean
+        # loss: average them.
         dlayers = jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), dlayers)
-        dlayers = psum_live(dlayers, DATA_AXES, sizes)
-        dshared = psum_live(dshared, ("pipe", *DATA_AXES), sizes)
+        dlayers = psum_live(dlayers, batch_axes, sizes)
+        dshared = psum_live(dshared, ("pipe", *batch_axes), sizes)
         scale = lambda tree: jax.tree_util.tree_map(lambda a: a / ways, tree)  # noqa: E731
-        loss = psum_live(loss, ("pipe", *DATA_AXES), sizes) / (m * ways)
+        loss = psum_live(loss, ("pipe", *batch_axes), sizes) / (m * ways)
         return loss, scale(dlayers), scale(dshared), ops_N[:, None]
 
-    # Manual over pipe AND the batch axes; only `tensor` is left to XLA's partitioner. With the
-    # batch axes automatic too, XLA 0.10's SPMD partitioner aborted the process (a CHECK in
-    # spmd_partitioner_util) on data × pipe × tensor. Parameters enter whole over data × fsdp
-    # (ZeRO-3 shards are gathered on entry, once per train.grad_accum microbatch) and the
-    # gradient sum over the batch axes is an explicit psum. The stages trace with the plain hooks.
-    with hooks.installed(hooks.Hooks()):
-        run = jax.shard_map(local, mesh=mesh, axis_names={"pipe", *DATA_AXES}, check_vma=False,
-                            in_specs=(P("pipe"), P(), P(None, DATA_AXES), P(None, DATA_AXES)),
+    # Manual over pipe AND the batch axes (and context, which splits each row's positions);
+    # only `tensor` is left to XLA's partitioner. With the batch axes automatic too, XLA 0.10's
+    # SPMD partitioner aborted the process (a CHECK in spmd_partitioner_util) on data × pipe ×
+    # tensor. Parameters enter whole over data × fsdp (ZeRO-3 shards are gathered on entry, once
+    # per train.grad_accum microbatch) and the gradient sum over the batch axes is an explicit
+    # psum. The stages trace with the plain hooks, but for context-parallel attention.
+    stage_hooks = hooks.Hooks(attention=hooks.current().attention) if c > 1 else hooks.Hooks()
+    with hooks.installed(stage_hooks):
+        run = jax.shard_map(local, mesh=mesh, axis_names={"pipe", *batch_axes}, check_vma=False,
+                            in_specs=(P("pipe"), P(), P(None, DATA_AXES, "context"),
+                                      P(None, DATA_AXES, "context"), P("context")),
                             out_specs=(P(), P("pipe"), P(), P(None, "pipe")))
-        loss, dlayers, dshared, ops_NP = run(layers, shared, tokens_MbT, targets_MbT)
+        loss, dlayers, dshared, ops_NP = run(layers, shared, tokens_MbT, targets_MbT, positions_T)
     grads = dict(dshared)
     grads["layers"] = jax.tree_util.tree_map(lambda a: _stages_to_layers(a, p, v), dlayers)
     grads = jax.tree_util.tree_map(lambda g, x: g.astype(x.dtype), grads, dict(params))
