@@ -83,6 +83,7 @@ def validate(cfg: Config) -> None:
                           "use model.family=llama for grouped-query attention.")
     if m.family == "llama" and m.head_dim % 2:
         raise ConfigError(f"RoPE needs an even head size, got {m.head_dim}; change model.head_dim.")
+    _validate_variants(m)
     t = cfg.train
     if t.batch_size % t.grad_accum:
         raise ConfigError(
@@ -114,6 +115,29 @@ def validate(cfg: Config) -> None:
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}.")
     _validate_logging(cfg)
+
+
+def _validate_variants(m) -> None:
+    """The Hugging Face variants (`model.gelu`, `head`, `qkv_bias`, `rope_scaling` and its numbers):
+    each only where its family has the part it changes."""
+    for key, value, choices in (("gelu", m.gelu, ("tanh", "exact")), ("head", m.head, ("auto", "tied", "untied")),
+                                ("rope_scaling", m.rope_scaling, ("none", "llama3"))):
+        if value not in choices:
+            raise ConfigError(f"model.{key}={value!r} is not one of {list(choices)}.")
+    if m.family == "llama" and m.gelu != "tanh":
+        raise ConfigError("model.gelu only applies to gpt2's MLP (llama's is SwiGLU); set model.gelu=tanh.")
+    if m.family == "gpt2" and m.qkv_bias:
+        raise ConfigError("model.qkv_bias is for llama (gpt2 always has q/k/v biases); set model.qkv_bias=false.")
+    if m.rope_scaling == "none":
+        return
+    if m.family == "gpt2":
+        raise ConfigError("model.rope_scaling: gpt2 has learned positions, no RoPE; set model.rope_scaling=none.")
+    for key in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_positions"):
+        if not getattr(m, key) > 0:  # also catches nan
+            raise ConfigError(f"model.{key} must be > 0 with model.rope_scaling=llama3, got {getattr(m, key)}.")
+    if not m.rope_high_freq_factor > m.rope_low_freq_factor:
+        raise ConfigError(f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be > model.rope_low_freq_"
+                          f"factor={m.rope_low_freq_factor} (llama3 blends between the two wavelengths).")
 
 
 TRACKERS = ("wandb", "swanlab")

@@ -24,6 +24,8 @@ class ModelConfig:
 
     `family` picks the architecture: ``gpt2`` (learned positions, LayerNorm, GELU MLP, biases,
     tied embeddings) or ``llama`` (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head).
+    `gelu`, `rope_scaling`, `head` and `qkv_bias` cover the variants of Hugging Face checkpoints
+    (`jaxsys.checkpoint.hf`); their defaults are the two families as above.
     """
 
     family: Literal["gpt2", "llama"] = "gpt2"
@@ -37,12 +39,31 @@ class ModelConfig:
     mlp_dim: int = 0  # 0 = 4 * embed_dim (gpt2) or the Llama 8/3 rule rounded to 64 (llama)
     dropout: float = 0.0
     rope_theta: float = 10_000.0
+    # RoPE frequency scaling: "none", or "llama3" (Llama 3.1/3.2: frequencies with wavelengths past
+    # rope_original_max_positions / rope_low_freq_factor divided by rope_factor, those below
+    # .. / rope_high_freq_factor kept, a smooth blend between; as transformers' llama3 rope_type).
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192  # the pre-training context length, in tokens
     norm_eps: float = 1e-5
+    # gpt2's MLP activation: "tanh" (GELU's tanh approximation, GPT-2's gelu_new) or "exact" (erf).
+    gelu: Literal["tanh", "exact"] = "tanh"
+    # The output head: "tied" (the transposed token embedding), "untied" (its own `head` [D, V]),
+    # "auto" = tied for gpt2, untied for llama.
+    head: Literal["auto", "tied", "untied"] = "auto"
+    qkv_bias: bool = False  # llama only: biases on the query/key/value projections (Qwen2)
     attention: Literal["xla", "cudnn", "pallas"] = "xla"
     scan_layers: bool = True
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @property
+    def tied_head(self) -> bool:
+        """Whether the output head is the transposed token embedding (no `head` parameter)."""
+        return self.head == "tied" or (self.head == "auto" and self.family == "gpt2")
 
     def resolved(self) -> "ModelConfig":
         """This config with every derived size filled in under its own name: `num_kv_heads`

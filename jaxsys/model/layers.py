@@ -1,8 +1,9 @@
 """The layers of the transformer: norm, RoPE, attention, MLP and the pre-norm block.
 
 Two families by `ModelConfig.family`:
-  gpt2  — LayerNorm, GELU MLP, biases;
-  llama — RMSNorm, RoPE, SwiGLU MLP, grouped-query attention, no biases.
+  gpt2  — LayerNorm, GELU MLP (tanh or exact: `model.gelu`), biases;
+  llama — RMSNorm, RoPE (optionally Llama 3 scaled: `model.rope_scaling`), SwiGLU MLP,
+          grouped-query attention, no biases (but q/k/v biases with `model.qkv_bias`, Qwen2).
 
 Shapes (`jaxsys.model.axes`): B batch, T sequence, D embed, H query heads, K key/value heads,
 G = H / K, E head size, F MLP hidden.
@@ -68,10 +69,25 @@ class Norm(nn.Module):
         return y.astype(cfg.compute_dtype)
 
 
-def rope(x_BTHE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding (rotate-half form), computed in float32."""
-    E = x_BTHE.shape[-1]
-    freqs_E2 = theta ** (-jnp.arange(0, E, 2, dtype=jnp.float32) / E)
+def rope_freqs(cfg: ModelConfig, E: int) -> jax.Array:
+    """RoPE's E/2 inverse wavelengths (radians per position), float32: `rope_theta`^(-2i/E),
+    then `rope_scaling` ("llama3": the formula of transformers' `_compute_llama3_parameters`)."""
+    freqs_E2 = cfg.rope_theta ** (-jnp.arange(0, E, 2, dtype=jnp.float32) / E)
+    if cfg.rope_scaling == "llama3":
+        old, factor = cfg.rope_original_max_positions, cfg.rope_factor
+        lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelen_E2 = 2 * math.pi / freqs_E2
+        scaled_E2 = jnp.where(wavelen_E2 > old / lo, freqs_E2 / factor, freqs_E2)
+        smooth_E2 = (old / wavelen_E2 - lo) / (hi - lo)
+        smoothed_E2 = (1 - smooth_E2) * scaled_E2 / factor + smooth_E2 * scaled_E2
+        medium = ~(wavelen_E2 < old / hi) & ~(wavelen_E2 > old / lo)
+        freqs_E2 = jnp.where(medium, smoothed_E2, scaled_E2)
+    return freqs_E2
+
+
+def rope(x_BTHE: jax.Array, positions_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Rotary position embedding (rotate-half form) at `positions_BT`, computed in float32."""
+    freqs_E2 = rope_freqs(cfg, x_BTHE.shape[-1])
     angles_BTE2 = positions_BT[..., None].astype(jnp.float32) * freqs_E2
     sin, cos = jnp.sin(angles_BTE2)[:, :, None, :], jnp.cos(angles_BTE2)[:, :, None, :]
     x1, x2 = jnp.split(x_BTHE.astype(jnp.float32), 2, axis=-1)
@@ -106,13 +122,13 @@ class Attention(nn.Module):
                                     ("batch", "seq", "kv_heads", None, "head_dim"))
         q_BTHE = qkv_BTKJE[:, :, :, :G].reshape(B, T, H, E)
         k_BTKE, v_BTKE = qkv_BTKJE[:, :, :, G], qkv_BTKJE[:, :, :, G + 1]
-        if cfg.family == "gpt2":
+        if cfg.family == "gpt2" or cfg.qkv_bias:  # llama + qkv_bias: Qwen2 (biases before RoPE)
             q_BTHE += param(self, "bq", (H, E), ("heads", "head_dim"), 0.0, pdt).astype(cdt)
             k_BTKE += param(self, "bk", (K, E), ("kv_heads", "head_dim"), 0.0, pdt).astype(cdt)
             v_BTKE += param(self, "bv", (K, E), ("kv_heads", "head_dim"), 0.0, pdt).astype(cdt)
-        else:
-            q_BTHE = rope(q_BTHE, positions_BT, cfg.rope_theta)
-            k_BTKE = rope(k_BTKE, positions_BT, cfg.rope_theta)
+        if cfg.family != "gpt2":
+            q_BTHE = rope(q_BTHE, positions_BT, cfg)
+            k_BTKE = rope(k_BTKE, positions_BT, cfg)
         q_BTHE = hooks.constrain(q_BTHE, Q_BTHE)
         k_BTKE = hooks.constrain(k_BTKE, KV_BTKE)
         v_BTKE = hooks.constrain(v_BTKE, KV_BTKE)
@@ -146,7 +162,7 @@ class Mlp(nn.Module):
             bi_F = param(self, "bi", (F,), ("mlp",), 0.0, pdt)
             h_BTF = hooks.column_matmul("btd,df->btf", x_BTD, wi_DF.astype(cdt), ("embed", "mlp"),
                                     ("batch", "seq", "mlp")) + bi_F.astype(cdt)
-            h_BTF = jax.nn.gelu(h_BTF, approximate=True)
+            h_BTF = jax.nn.gelu(h_BTF, approximate=cfg.gelu == "tanh")
         else:
             wg_DF = param(self, "wi_gate", (D, F), ("embed", "mlp"), 0.02, pdt)
             wu_DF = param(self, "wi_up", (D, F), ("embed", "mlp"), 0.02, pdt)

@@ -12,7 +12,8 @@ methods, so a pipeline stage runs exactly the model's code on part of the tree:
     block_fn(cfg)(layer_params, x_BTD, positions_BT)               -> x_BTD (one layer, with remat)
 
 Families (`model.family`): gpt2 has a learned position table and ties the output head to the
-token embedding; llama uses RoPE (inside attention) and a separate head matrix. With
+token embedding; llama uses RoPE (inside attention) and a separate head matrix (`model.head`
+ties or unties either). With
 `model.scan_layers` the layers are one `nn.scan` over parameters stacked on a leading `layers`
 axis (compile time flat in depth), else `layer_0`, `layer_1`, ...
 
@@ -74,7 +75,7 @@ class Transformer(nn.Module):
         else:
             self.layer = [block(c, self.deterministic) for _ in range(c.num_layers)]  # layer_0, ...
         self.ln_final = Norm(c)
-        if c.family != "gpt2":
+        if not c.tied_head:
             self.head_DV = _declare(self, "head", (c.embed_dim, c.vocab_size), ("embed", "vocab"), pdt)
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
@@ -134,7 +135,7 @@ class Transformer(nn.Module):
         parallel head (sequence parallel: all-gather along T first); the loss never gathers V."""
         c = self.c
         x_BTD = self.ln_final(x_BTD)
-        if c.family == "gpt2":  # tied: the output head is the input embedding
+        if c.tied_head:  # the output head is the input embedding
             if embed_VD is None:
                 embed_VD = hooks.use_weight(self.embed_VD, _EMBED_VD)
             head_DV = embed_VD.T
