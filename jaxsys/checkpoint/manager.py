@@ -50,6 +50,19 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
     manager.save(step, args=ocp.args.StandardSave(state))
 
 
+def save_params(manager: ocp.CheckpointManager, step: int, params: Any) -> None:
+    """Save `params` alone, as ``{"params": params}``: a starting point without an optimizer
+    (an imported model, `jaxsys.checkpoint.hf`). `restore_params` reads it like a train state's
+    params; training starts from it with a fresh optimizer (`is_params_only`)."""
+    manager.save(step, args=ocp.args.StandardSave({"params": params}))
+
+
+def is_params_only(manager: ocp.CheckpointManager, step: int) -> bool:
+    """Whether checkpoint `step` holds parameters only (`save_params`), no optimizer state."""
+    meta = manager.item_metadata(step)
+    return hasattr(meta, "keys") and set(meta.keys()) == {"params"}
+
+
 def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None) -> tuple[int, Any]:
     """Restore `step` (default: the latest complete one) into the layout of `target`.
 

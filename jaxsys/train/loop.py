@@ -149,11 +149,20 @@ def _restore_or_init(run: _Run) -> tuple[Any, int, Any]:
         manager = ckpt.make_manager(run.run_dir, cfg.checkpoint)
     if resume_step is None:
         return manager, 0, state_lib.init_state(run.setup, cfg.train.seed)
-    try:
-        ckpt.check_compatible(manager, resume_step, run.target)  # names the parameter and both shapes
+    params_only = ckpt.is_params_only(manager, resume_step)  # an imported model: fine-tune it
+    try:  # names the parameter and both shapes
+        if params_only:
+            ckpt.check_params_compatible(manager, resume_step, run.target.params)
+        else:
+            ckpt.check_compatible(manager, resume_step, run.target)
     except Exception:
         manager.close()  # refused: nothing was written, and no Orbax thread is left behind
         raise
+    if params_only:
+        _, params = ckpt.restore_params(manager, run.target.params, resume_step)
+        _log(f"Starting from the parameters of checkpoint step {resume_step} in {run.run_dir / 'checkpoints'} "
+             "with a fresh optimizer (a params-only checkpoint, e.g. `jaxsys hf import`)", "resumed", step=0)
+        return manager, 0, state_lib.state_from_params(run.setup, params)
     start_step, state = ckpt.restore(manager, run.target, resume_step)
     _log(f"Resumed from checkpoint step {start_step} in {run.run_dir / 'checkpoints'}", "resumed",
          step=start_step)

@@ -87,6 +87,15 @@ def init_state(s: Setup, seed: int) -> TrainState:
         return jax.jit(init, out_shardings=s.state_sharding)(jax.random.key(seed))
 
 
+def state_from_params(s: Setup, params: Any) -> TrainState:
+    """A train state at step 0 holding `params` (already in their shardings) and a fresh
+    optimizer state: the start of a fine-tune from a params-only checkpoint."""
+    def init(p: Any) -> TrainState:
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=s.tx.init(p))
+    with parallelize(s.mesh, s.activation_rules, s.cfg.context_parallel):
+        return jax.jit(init, out_shardings=s.state_sharding, donate_argnums=0)(params)
+
+
 def abstract_state(s: Setup) -> TrainState:
     """The `TrainState` as a tree of `jax.ShapeDtypeStruct` (no shardings)."""
     return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=s.abstract_params,

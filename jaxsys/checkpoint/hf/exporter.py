@@ -1,0 +1,127 @@
+"""A jaxsys run directory -> a Hugging Face model folder that `transformers` loads as it is.
+
+    config.json              GPT2LMHeadModel (gpt2), Qwen2ForCausalLM (llama + qkv_bias), else
+                             LlamaForCausalLM; special token ids from an imported run's hf/config.json
+    generation_config.json   the imported one, else the special token ids alone
+    model.safetensors        the newest usable checkpoint's parameters in their dtype; past
+                             --max-shard-size, model-0000k-of-0000n.safetensors + the index
+    tokenizer files          an imported run's tokenizer/ as it was; a byte or char tokenizer rebuilt
+                             as a `tokenizers` tokenizer.json (`hf_tokenizers`); plain ids: none (warned)
+
+The parameters are restored onto one device, and each Hugging Face tensor is built from them,
+written and dropped in turn (`files.write_safetensors`): host memory stays near one copy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jaxsys.checkpoint import manager as ckpt
+from jaxsys.checkpoint import run_files
+from jaxsys.checkpoint.hf import config_map, hf_tokenizers, names
+from jaxsys.checkpoint.hf.files import parse_size, write_safetensors
+from jaxsys.checkpoint.hf.importer import HF_DIR, TOKENIZER_DIR
+from jaxsys.config import Config
+from jaxsys.model.transformer import abstract_params
+
+_SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load_params(run_dir: Path, cfg: Config, log: Callable[[str], None]) -> tuple[int, Any]:
+    """(step, params on one device) of the newest usable checkpoint of `run_dir` (as
+    `jaxsys.inference.load.load_params`, which sits above this package)."""
+    step, _ = ckpt.select_resume_step(run_dir, log, keep_incomplete=True)
+    if step is None:
+        raise FileNotFoundError(f"No usable checkpoint in {run_dir / 'checkpoints'}.")
+    abstract, _ = abstract_params(cfg.model)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract)
+    manager = ckpt.make_manager(run_dir, cfg.checkpoint, read_only=True)
+    try:
+        ckpt.check_params_compatible(manager, step, target)
+        return ckpt.restore_params(manager, target, step)
+    finally:
+        manager.close()
+
+
+def _leaf(params: Any, entry: names.Entry, leaf: tuple[str, ...], layer: int, scan: bool) -> np.ndarray:
+    tree = params if not entry.per_layer else params["layers"] if scan else params[f"layer_{layer}"]
+    for k in leaf:
+        tree = tree[k]
+    return np.asarray(jax.device_get(tree[layer] if entry.per_layer and scan else tree))
+
+
+def write_weights(params: Any, cfg: Config, out: Path, max_shard_bytes: int) -> list[Path]:
+    """The Hugging Face safetensors file(s) of `params` (jaxsys layout) in `out`."""
+    m = cfg.model.resolved()
+    dtype = np.dtype(jax.tree_util.tree_leaves(params)[0].dtype)
+    table = {name: (entry, i) for name, entry, i in names.expanded(m)}
+
+    def build(name: str) -> np.ndarray:
+        entry, i = table[name]
+        return names.to_hf(entry, [_leaf(params, entry, leaf, i, m.scan_layers) for leaf in entry.leaves])
+
+    tensors = [(name, entry.shape, dtype) for name, (entry, _) in table.items()]
+    return write_safetensors(out, tensors, build, max_shard_bytes)
+
+
+def _configs(run_dir: Path, cfg: Config, dtype: str, out: Path) -> None:
+    hf = config_map.hf_config(cfg.model, dtype)
+    src = run_dir / HF_DIR
+    special = run_files.read_json(src / "config.json") if (src / "config.json").is_file() else {}
+    hf.update({k: special[k] for k in _SPECIAL if k in special})
+    (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    if (src / "generation_config.json").is_file():
+        shutil.copyfile(src / "generation_config.json", out / "generation_config.json")
+    else:
+        gen = {k: hf[k] for k in _SPECIAL if hf.get(k) is not None}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def _tokenizer(run_dir: Path, cfg: Config, out: Path, log: Callable[[str], None]) -> list[str]:
+    src = run_dir / TOKENIZER_DIR
+    if src.is_dir():
+        copied = sorted(p.name for p in src.iterdir() if p.is_file())
+        for name in copied:
+            shutil.copyfile(src / name, out / name)
+        return copied
+    tok = run_files.read_json(run_dir / run_files.TOKENIZER) if (run_dir / run_files.TOKENIZER).is_file() else {}
+    written = hf_tokenizers.write(tok, cfg.model.seq_len, out)
+    if not written:
+        log(f"warning: {run_dir} has no tokenizer that Hugging Face can load (tokenizer.json: "
+            f"{json.dumps(tok)}); exported the weights without one. Give AutoTokenizer your own.")
+    return written
+
+
+def export_hf(run_dir: str | Path, out: str | Path, max_shard_size: str = "5GB",
+              log: Callable[[str], None] = _stderr) -> list[Path]:
+    """Write the newest usable checkpoint of `run_dir` as a Hugging Face model folder `out`
+    (see the module docstring); returns the files written. `max_shard_size` as transformers'
+    (``5GB``, ``500MB``)."""
+    run_dir, out = Path(run_dir), Path(out)
+    limit = parse_size(max_shard_size)
+    cfg = run_files.read_config(run_dir)
+    if not ckpt.step_dirs(run_dir):
+        raise FileNotFoundError(f"No checkpoint in {run_dir / 'checkpoints'}; train or import first.")
+    step, params = load_params(run_dir, cfg, log)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("model*.safetensors*"):  # a previous export's shards would mix in
+        old.unlink()
+    files = write_weights(params, cfg, out, limit)
+    del params
+    _configs(run_dir, cfg, cfg.model.param_dtype, out)
+    tok = _tokenizer(run_dir, cfg, out, log)
+    log(f"Exported checkpoint step {step} of {run_dir} to {out} ({len(files)} weight file(s), "
+        f"tokenizer: {', '.join(tok) or 'none'})")
+    return files + [out / "config.json", out / "generation_config.json"] + [out / t for t in tok]
