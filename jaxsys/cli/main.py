@@ -9,6 +9,7 @@
     jaxsys plan [--preset NAME] [--devices N] [key=value ...] [--json] [--accelerator h100]
                 [--search] [--memory-budget GiB]         # per-device memory/communication, AOT
     jaxsys launch --processes N -- train [...]          # N local processes, one global mesh
+    jaxsys hf import SRC --out RUN_DIR | hf export --run-dir DIR --out HF_DIR   # Hugging Face folders
 
 JAX is imported only after the arguments are parsed, so `--devices N` can ask XLA for N
 simulated CPU devices before the backend starts.
@@ -157,6 +158,11 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     return launch(args.processes, [sys.executable, "-m", "jaxsys", *rest])
 
 
+def _cmd_hf(args: argparse.Namespace) -> int:
+    from jaxsys.cli.hf import cmd_hf
+    return cmd_hf(args)
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
     from jaxsys.tools import planner
@@ -216,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the jaxsys command each process runs (its --devices is per process)")
     from jaxsys.cli.generate import add_parsers
     add_parsers(sub, _count, _number)
+    from jaxsys.cli import hf
+    hf.add_parsers(sub, _count)
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run's latest checkpoint")
     p.add_argument("--run-dir", required=True, help="the run_dir of a `jaxsys train`")
     p.add_argument("--data", default=None, metavar="FILE",
@@ -239,7 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = parser.get_default("commands")
-    if argv and argv[0] in commands and argv[0] != "launch":
+    if argv and argv[0] in commands and argv[0] not in ("launch", "hf"):  # hf has subcommands
         args = commands[argv[0]].parse_intermixed_args(argv[1:])
         args.command = argv[0]
     else:
@@ -271,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             initialize(args.devices, flag=args.distributed)
         return {"train": _cmd_train, "config": _cmd_config, "sample": _cmd_sample,
                 "generate": _cmd_generate, "plan": _cmd_plan,
-                "eval": _cmd_eval, "plot": _cmd_plot}[args.command](args)
+                "eval": _cmd_eval, "plot": _cmd_plot, "hf": _cmd_hf}[args.command](args)
     except Exception as e:
         loop = sys.modules.get("jaxsys.train.loop")  # TrainingError, if training got that far
         if not isinstance(e, (ConfigError, FileNotFoundError)) and not (loop and isinstance(e, loop.TrainingError)):

@@ -115,10 +115,21 @@ def model_config(hf: dict, where: str = "config.json", seq_len: int = 0) -> Mode
                        qkv_bias=arch == "Qwen2ForCausalLM", **_rope(hf, where))
 
 
-def hf_config(m: ModelConfig, dtype: str) -> dict[str, Any]:
-    """The Hugging Face `config.json` dict of a jaxsys model: GPT2LMHeadModel for gpt2,
-    Qwen2ForCausalLM for llama with qkv_bias, else LlamaForCausalLM. `dtype` is the tensors'."""
-    m = m.resolved()
+def hf_architecture(m: ModelConfig, source: str = "") -> str:
+    """The architecture to export `m` as: `source` (an imported run's) when it fits, else
+    GPT2LMHeadModel for gpt2, Qwen2ForCausalLM for llama with qkv_bias, LlamaForCausalLM."""
+    fits = {"GPT2LMHeadModel": m.family == "gpt2", "Qwen2ForCausalLM": m.family == "llama" and m.qkv_bias,
+            "LlamaForCausalLM": m.family == "llama" and not m.qkv_bias,
+            "MistralForCausalLM": m.family == "llama" and not m.qkv_bias}
+    if fits.get(source):
+        return source
+    return "GPT2LMHeadModel" if m.family == "gpt2" else "Qwen2ForCausalLM" if m.qkv_bias else "LlamaForCausalLM"
+
+
+def hf_config(m: ModelConfig, dtype: str, arch: str = "") -> dict[str, Any]:
+    """The Hugging Face `config.json` dict of a jaxsys model as `hf_architecture(m, arch)`;
+    `dtype` is the tensors'."""
+    m, arch = m.resolved(), hf_architecture(m, arch)
     if m.family == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
                 "n_positions": m.seq_len, "n_embd": m.embed_dim, "n_layer": m.num_layers, "n_head": m.num_heads,
@@ -127,7 +138,6 @@ def hf_config(m: ModelConfig, dtype: str) -> dict[str, Any]:
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
                 "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
                 "dtype": dtype, "torch_dtype": dtype}
-    arch = "Qwen2ForCausalLM" if m.qkv_bias else "LlamaForCausalLM"
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": m.rope_theta}
     if m.rope_scaling == "llama3":
         rope = {"rope_type": "llama3", "rope_theta": m.rope_theta, "factor": m.rope_factor,
@@ -142,8 +152,10 @@ def hf_config(m: ModelConfig, dtype: str) -> dict[str, Any]:
            "dtype": dtype, "torch_dtype": dtype}
     if arch == "LlamaForCausalLM":
         out.update(attention_bias=False, mlp_bias=False)
-    else:
+    elif arch == "Qwen2ForCausalLM":
         out.update(use_sliding_window=False, sliding_window=None)
+    else:
+        out.update(sliding_window=None)
     return out
 
 

@@ -77,10 +77,10 @@ def write_weights(params: Any, cfg: Config, out: Path, max_shard_bytes: int) -> 
 
 
 def _configs(run_dir: Path, cfg: Config, dtype: str, out: Path) -> None:
-    hf = config_map.hf_config(cfg.model, dtype)
     src = run_dir / HF_DIR
     special = run_files.read_json(src / "config.json") if (src / "config.json").is_file() else {}
-    hf.update({k: special[k] for k in _SPECIAL if k in special})
+    hf = config_map.hf_config(cfg.model, dtype, (special.get("architectures") or [""])[0])
+    hf.update({k: special.get(k) for k in _SPECIAL})  # None, not transformers' defaults (GPT-2's 50256)
     (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     if (src / "generation_config.json").is_file():
         shutil.copyfile(src / "generation_config.json", out / "generation_config.json")
