@@ -25,7 +25,9 @@ import numpy as np
 
 from jaxsys.checkpoint import manager as ckpt
 from jaxsys.checkpoint import run_files
-from jaxsys.checkpoint.hf import config_map, hf_tokenizers, names
+import jaxsys.checkpoint.hf.config_map as config_map
+import jaxsys.checkpoint.hf.hf_tokenizers as hf_tokenizers
+import jaxsys.checkpoint.hf.names as names
 from jaxsys.checkpoint.hf.files import parse_size, write_safetensors
 from jaxsys.checkpoint.hf.importer import HF_DIR, TOKENIZER_DIR
 from jaxsys.config import Config

@@ -34,7 +34,8 @@ from jax.sharding import Mesh
 from jaxsys import config as config_lib
 from jaxsys.checkpoint import manager as ckpt
 from jaxsys.checkpoint import run_files
-from jaxsys.checkpoint.hf import config_map, names
+import jaxsys.checkpoint.hf.config_map as config_map
+import jaxsys.checkpoint.hf.names as names
 from jaxsys.checkpoint.hf.files import Source, copy_tokenizer
 from jaxsys.config import CheckpointConfig, Config, ConfigError, MeshConfig
 from jaxsys.model.transformer import abstract_params
