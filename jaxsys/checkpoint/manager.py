@@ -31,9 +31,12 @@ from jaxsys.model.params import path_str
 REJECTED = "rejected_checkpoints"
 
 
-def make_manager(run_dir: str | Path, cfg: CheckpointConfig, read_only: bool = False) -> ocp.CheckpointManager:
+def make_manager(run_dir: str | Path, cfg: CheckpointConfig, read_only: bool = False,
+                 concurrent_gb: int | None = None) -> ocp.CheckpointManager:
     """A `CheckpointManager` over `<run_dir>/checkpoints`; `read_only` (sampling, evaluation) leaves
-    Orbax's tmp directories alone: a training running beside the reader may be writing one."""
+    Orbax's tmp directories alone: a training running beside the reader may be writing one.
+    `concurrent_gb` caps the GB Orbax holds in flight while saving or restoring (default 96):
+    a low cap keeps host memory near one copy of the arrays (Hugging Face import / export)."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep,
         enable_async_checkpointing=cfg.async_save,
@@ -42,7 +45,8 @@ def make_manager(run_dir: str | Path, cfg: CheckpointConfig, read_only: bool = F
     )
     # The handler is named up front so `item_metadata` can read a step before any restore.
     return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=options,
-                                 item_handlers=ocp.StandardCheckpointHandler())
+                                 item_handlers=ocp.StandardCheckpointHandler(**({} if concurrent_gb is None else {
+                                     "save_concurrent_gb": concurrent_gb, "restore_concurrent_gb": concurrent_gb})))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:

@@ -28,7 +28,7 @@ from jaxsys.checkpoint import run_files
 import jaxsys.checkpoint.hf.config_map as config_map
 import jaxsys.checkpoint.hf.hf_tokenizers as hf_tokenizers
 import jaxsys.checkpoint.hf.names as names
-from jaxsys.checkpoint.hf.files import parse_size, write_safetensors
+from jaxsys.checkpoint.hf.files import concurrent_gb, parse_size, write_safetensors
 from jaxsys.checkpoint.hf.importer import HF_DIR, TOKENIZER_DIR
 from jaxsys.config import Config
 from jaxsys.model.transformer import abstract_params
@@ -49,7 +49,7 @@ def load_params(run_dir: Path, cfg: Config, log: Callable[[str], None]) -> tuple
     abstract, _ = abstract_params(cfg.model)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract)
-    manager = ckpt.make_manager(run_dir, cfg.checkpoint, read_only=True)
+    manager = ckpt.make_manager(run_dir, cfg.checkpoint, read_only=True, concurrent_gb=concurrent_gb(abstract))
     try:
         ckpt.check_params_compatible(manager, step, target)
         return ckpt.restore_params(manager, target, step)

@@ -15,10 +15,12 @@ shards and `model.safetensors.index.json`, as `save_pretrained` does.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -144,6 +146,13 @@ def copy_tokenizer(src: Path, dest: Path) -> list[str]:
         for name in found:
             shutil.copyfile(src / name, dest / name)
     return found
+
+
+def concurrent_gb(tree: Any) -> int:
+    """The smallest whole-GB cap on Orbax's bytes in flight that fits the largest leaf of `tree`
+    (arrays or `ShapeDtypeStruct`s): saves and restores then hold about one leaf beyond the tree."""
+    largest = max(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+    return max(1, math.ceil(largest / 1e9))
 
 
 def parse_size(text: str) -> int:

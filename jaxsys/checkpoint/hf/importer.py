@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -36,7 +37,7 @@ from jaxsys.checkpoint import manager as ckpt
 from jaxsys.checkpoint import run_files
 import jaxsys.checkpoint.hf.config_map as config_map
 import jaxsys.checkpoint.hf.names as names
-from jaxsys.checkpoint.hf.files import Source, copy_tokenizer
+from jaxsys.checkpoint.hf.files import Source, concurrent_gb, copy_tokenizer
 from jaxsys.config import CheckpointConfig, Config, ConfigError, MeshConfig
 from jaxsys.model.transformer import abstract_params
 from jaxsys.parallel import rules
@@ -121,15 +122,22 @@ def import_hf(src: str | Path, *, mesh: Mesh | None = None, mesh_config: MeshCon
 
 def _read_leaf(source: Source, entry: names.Entry, k: int, m: config_lib.ModelConfig, target: Any,
                sharding: Any, layer: int) -> jax.Array:
-    """Leaf `k` of `entry` (all layers, stacked, under scan_layers) placed in `sharding`."""
-    if entry.per_layer and m.scan_layers:
-        buf = np.empty(target.shape, target.dtype)  # [L, ...], filled one layer at a time
-        for i in range(m.num_layers):
-            buf[i] = names.to_jaxsys(entry, source.get(entry.hf.format(i=i)), k, target.shape[1:])
-    else:
+    """Leaf `k` of `entry` (all layers, stacked, under scan_layers) placed in `sharding`.
+
+    A stacked leaf is written into its placed array one layer at a time by a donated update, so
+    no host copy of the whole [L, ...] leaf ever exists (measured on a 1.1B Llama: peak host
+    memory 1.80x the safetensors size with a host buffer per stacked leaf)."""
+    if not (entry.per_layer and m.scan_layers):
         name = entry.hf.format(i=layer) if entry.per_layer else entry.hf
-        buf = names.to_jaxsys(entry, source.get(name), k, target.shape).astype(target.dtype, copy=False)
-    return jax.device_put(buf, sharding)
+        return jax.device_put(names.to_jaxsys(entry, source.get(name), k, target.shape)
+                              .astype(target.dtype, copy=False), sharding)
+    stacked = jax.jit(lambda: jnp.zeros(target.shape, target.dtype), out_shardings=sharding)()
+    put = jax.jit(lambda x, y, i: jax.lax.dynamic_update_index_in_dim(x, y, i, 0), donate_argnums=0,
+                  out_shardings=sharding)
+    for i in range(m.num_layers):
+        layer_np = names.to_jaxsys(entry, source.get(entry.hf.format(i=i)), k, target.shape[1:])
+        stacked = put(stacked, layer_np.astype(target.dtype, copy=False), i)
+    return stacked
 
 
 def import_to_run_dir(src: str | Path, out: str | Path, **kw: Any) -> Config:
@@ -141,7 +149,7 @@ def import_to_run_dir(src: str | Path, out: str | Path, **kw: Any) -> Config:
     cfg, params = import_hf(src, **kw)
     cfg = dataclasses.replace(cfg, run_dir=str(out))
     out.mkdir(parents=True, exist_ok=True)
-    manager = ckpt.make_manager(out, CheckpointConfig(async_save=False))
+    manager = ckpt.make_manager(out, CheckpointConfig(async_save=False), concurrent_gb=concurrent_gb(params))
     try:
         ckpt.save_params(manager, 0, params)
         manager.wait_until_finished()
