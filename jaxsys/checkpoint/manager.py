@@ -54,11 +54,22 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
     manager.save(step, args=ocp.args.StandardSave(state))
 
 
-def save_params(manager: ocp.CheckpointManager, step: int, params: Any) -> None:
-    """Save `params` alone, as ``{"params": params}``: a starting point without an optimizer
-    (an imported model, `jaxsys.checkpoint.hf`). `restore_params` reads it like a train state's
-    params; training starts from it with a fresh optimizer (`is_params_only`)."""
-    manager.save(step, args=ocp.args.StandardSave({"params": params}))
+def save_params(run_dir: str | Path, step: int, params: Any, concurrent_gb: int = 96) -> None:
+    """Save `params` alone, as ``{"params": params}`` (synchronously, with its manifest): a
+    starting point without an optimizer (an imported model, `jaxsys.checkpoint.hf`).
+    `restore_params` reads it like a train state's params; training starts from it with a fresh
+    optimizer (`is_params_only`). `concurrent_gb` caps Orbax's bytes in flight, and 1 GB its
+    device-to-host copies (measured on a 1.1B model: peak host memory 7.9 -> 6.3 GiB, the
+    arrays being 4.1 GiB); it must fit the largest leaf."""
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=concurrent_gb, save_device_host_concurrent_gb=1)
+    manager = ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=options, item_handlers=handler)
+    try:  # the same files as StandardSave writes (which wraps this handler)
+        manager.save(step, args=ocp.args.PyTreeSave({"params": params}))
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    write_missing_manifests(run_dir)
 
 
 def is_params_only(manager: ocp.CheckpointManager, step: int) -> bool:

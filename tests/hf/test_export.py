@@ -74,7 +74,7 @@ def test_a_jaxsys_run_with_a_byte_tokenizer_exports(tmp_path, family):
     import jax.numpy as jnp
     from jaxsys.checkpoint import manager as ckpt
     from jaxsys.checkpoint import run_files
-    from jaxsys.config import CheckpointConfig, apply_overrides, to_json
+    from jaxsys.config import apply_overrides, to_json
     from jaxsys.config.presets import tiny
     from jaxsys.model.transformer import Transformer, init_params
 
@@ -84,11 +84,7 @@ def test_a_jaxsys_run_with_a_byte_tokenizer_exports(tmp_path, family):
     params = jax.tree_util.tree_map(lambda x: np.asarray(x) + rng.normal(0, 0.1, x.shape).astype(np.float32),
                                     init_params(cfg.model, jax.random.key(0)))
     run = tmp_path / "run"
-    manager = ckpt.make_manager(run, CheckpointConfig(async_save=False))
-    ckpt.save_params(manager, 3, params)
-    manager.wait_until_finished()
-    manager.close()
-    ckpt.write_missing_manifests(run)
+    ckpt.save_params(run, 3, params)
     run_files.write_atomic(run / run_files.CONFIG, to_json(cfg))
     run_files.write_atomic(run / run_files.TOKENIZER, json.dumps({"kind": "byte"}))
     export_hf(run, tmp_path / "out", log=lambda _: None)

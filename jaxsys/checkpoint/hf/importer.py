@@ -38,7 +38,7 @@ from jaxsys.checkpoint import run_files
 import jaxsys.checkpoint.hf.config_map as config_map
 import jaxsys.checkpoint.hf.names as names
 from jaxsys.checkpoint.hf.files import Source, concurrent_gb, copy_tokenizer
-from jaxsys.config import CheckpointConfig, Config, ConfigError, MeshConfig
+from jaxsys.config import Config, ConfigError, MeshConfig
 from jaxsys.model.transformer import abstract_params
 from jaxsys.parallel import rules
 
@@ -149,13 +149,7 @@ def import_to_run_dir(src: str | Path, out: str | Path, **kw: Any) -> Config:
     cfg, params = import_hf(src, **kw)
     cfg = dataclasses.replace(cfg, run_dir=str(out))
     out.mkdir(parents=True, exist_ok=True)
-    manager = ckpt.make_manager(out, CheckpointConfig(async_save=False), concurrent_gb=concurrent_gb(params))
-    try:
-        ckpt.save_params(manager, 0, params)
-        manager.wait_until_finished()
-    finally:
-        manager.close()
-    ckpt.write_missing_manifests(out)
+    ckpt.save_params(out, 0, params, concurrent_gb(params))
     del params
     save_tokenizer_files(Path(src), out)
     (out / HF_DIR).mkdir(exist_ok=True)
