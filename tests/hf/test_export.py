@@ -64,9 +64,14 @@ def test_a_byte_tokenizer_exports_as_one_autotokenizer_reads(tmp_path):
     assert ids == list(text.encode("utf-8"))
     assert tok.decode(ids) == text
     assert hf_tokenizers.write({"kind": "ids"}, 64, tmp_path / "x") == []
+    text = "ROMEO: the world,\n  a stub?"
+    chars = "".join(sorted(set(text + "xyz")))  # as CharTokenizer.from_text
+    hf_tokenizers.write({"kind": "char", "chars": chars}, 64, tmp_path / "c")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "c")
+    assert tok.encode(text) == [chars.index(c) for c in text] and tok.decode(tok.encode(text)) == text
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_a_jaxsys_run_with_a_byte_tokenizer_exports(tmp_path, family):
     """A run jaxsys made itself (no hf/ or tokenizer/ folder): the weights load in transformers
     with the same logits, and its byte tokenizer comes along."""

@@ -45,6 +45,7 @@ def write(tokenizer_json: dict, seq_len: int, out: Path) -> list[str]:
         chars = tokenizer_json["chars"]
         tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
         tok.decoder = decoders.Fuse()
+    out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": seq_len,
               "clean_up_tokenization_spaces": False}
