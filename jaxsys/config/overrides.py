@@ -80,7 +80,8 @@ def _unknown(full_key: str) -> ConfigError:
     if full_key in RENAMED or section in RENAMED:
         new = RENAMED.get(full_key) or RENAMED[section] + full_key[len(section):]
         return ConfigError(f"Config key '{full_key}' was renamed to '{new}'; use {new}=...")
-    return ConfigError(f"Unknown config key '{full_key}'.{suggest(full_key, all_keys())}")
+    # repr: a key holding a newline (found by tests/config/test_properties.py) stays one line
+    return ConfigError(f"Unknown config key {full_key!r}.{suggest(full_key, all_keys())}")
 
 
 def _set(cfg: Any, path: list[str], text: str, full_key: str) -> Any:
