@@ -99,3 +99,15 @@ def test_a_jaxsys_run_with_a_byte_tokenizer_exports(tmp_path, family):
     ids = np.array([tok.encode("ROMEO: O, she")[: cfg.model.seq_len]])
     ref = np.asarray(Transformer(cfg.model).apply({"params": params}, jnp.asarray(ids)))
     assert np.abs(models.logits(model, ids) - ref).max() <= 1e-4
+
+
+def test_bfloat16_weights_stay_bfloat16_bit_for_bit(tmp_path):
+    model = models.build("qwen2-qkv-bias", tmp_path / "f32").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    cfg = import_to_run_dir(tmp_path / "bf16", tmp_path / "run")
+    assert cfg.model.param_dtype == "bfloat16"
+    export_hf(tmp_path / "run", tmp_path / "out", log=lambda _: None)
+    a, b = tensors(tmp_path / "bf16"), tensors(tmp_path / "out")
+    assert a.keys() == b.keys() and all(str(a[k].dtype) == "bfloat16" for k in a)
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
