@@ -115,8 +115,9 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
     return train_step
 
 
-def compile_train_step(s: Setup) -> Any:
-    """Ahead-of-time compile of the train step with explicit shardings and donated state.
+def compile_train_step(s: Setup, batch_keys: tuple[str, ...] = ("inputs", "targets")) -> Any:
+    """Ahead-of-time compile of the train step with explicit shardings and donated state, for
+    batches of `batch_keys` (each int32 [B, T]; `jaxsys.data.batches.batch_keys`).
 
     Returns a `jax.stages.Compiled`: calling it never recompiles, and its `memory_analysis()`
     and `cost_analysis()` describe the program per device."""
@@ -126,11 +127,11 @@ def compile_train_step(s: Setup) -> Any:
     step = jax.jit(make_train_step(s), in_shardings=(s.state_sharding, s.batch_sharding),
                    out_shardings=(s.state_sharding, replicated(s.mesh)), donate_argnums=0)
     with parallelize(s.mesh, s.activation_rules, s.cfg.context_parallel):
-        return step.lower(state, {"inputs": tokens, "targets": tokens}).compile()
+        return step.lower(state, {k: tokens for k in batch_keys}).compile()
 
 
-def compile_eval_step(s: Setup, batch_size: int) -> Any:
-    """Compiled `eval_step(params, batch) -> loss` (no dropout)."""
+def compile_eval_step(s: Setup, batch_size: int, batch_keys: tuple[str, ...] = ("inputs", "targets")) -> Any:
+    """Compiled `eval_step(params, batch) -> loss` (no dropout), for batches of `batch_keys`."""
     param_abstract = with_shardings(s.abstract_params, s.state_sharding.params)
     tokens = jax.ShapeDtypeStruct((batch_size, s.cfg.model.seq_len), jnp.int32, sharding=s.batch_sharding)
     reorder = functools.partial(context.reorder_batch, s.cfg, s.mesh.shape["context"])
@@ -138,4 +139,4 @@ def compile_eval_step(s: Setup, batch_size: int) -> Any:
                  in_shardings=(s.state_sharding.params, s.batch_sharding),
                  out_shardings=replicated(s.mesh))
     with parallelize(s.mesh, s.activation_rules, s.cfg.context_parallel):
-        return fn.lower(param_abstract, {"inputs": tokens, "targets": tokens}).compile()
+        return fn.lower(param_abstract, {k: tokens for k in batch_keys}).compile()
