@@ -183,6 +183,19 @@ class HFTokenizer:
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.special_tokens["bos"] or "", eos_token=self.special_tokens["eos"] or "")
 
+    def token_bytes(self) -> np.ndarray | None:
+        """UTF-8 bytes of text behind each id, int64 [vocab_size] (special tokens: 0), for bits
+        per byte; None unless the tokenizer is byte-level (GPT-2 style: one character of a
+        token's string per byte), where the count is exact."""
+        spec = json.loads(self.files["tokenizer.json"])
+        if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+            return None
+        out = np.zeros(self.vocab_size, np.int64)
+        special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            out[i] = 0 if i in special else len(token)
+        return out
+
     def to_json(self) -> dict:
         return {"kind": "hf", "dir": HF_DIR, "sha256": self.sha256}
 

@@ -51,6 +51,10 @@ def test_hf_round_trip_and_special_tokens(bpe):
     assert len(bpe.encode(TEXTS[0])) < len(TEXTS[0].encode("utf-8"))
     ids = bpe.encode(f"the end{ENDOFTEXT}the start")
     assert list(ids).count(0) == 1 and bpe.decode(ids) == f"the end{ENDOFTEXT}the start"
+    table = bpe.token_bytes()  # bits per byte: the text bytes behind the ids, exactly
+    for text in TEXTS:
+        assert table[bpe.encode(text)].sum() == len(text.encode("utf-8"))
+    assert table[0] == 0 and table.shape == (400,)
     clone = pickle.loads(pickle.dumps(bpe))  # to data-prepare workers
     assert clone.sha256 == bpe.sha256 and list(clone.encode(TEXTS[1])) == list(bpe.encode(TEXTS[1]))
 
