@@ -106,7 +106,11 @@ def check_run_dir(run_dir: Path, cfg: Config, tokenizer_json: dict | None = None
     saved_tok = read_json(tok) if tokenizer_json is not None and tok.exists() else tokenizer_json
     # Before plain ids existed, a .bin run without a tokenizer saved "byte": the same ids.
     same = saved_tok == tokenizer_json or (saved_tok == {"kind": "byte"} and tokenizer_json == {"kind": "ids"})
-    if not same and not allowed & {"data.tokenizer", "data.source", "data.sources"}:
+    # Other data may come with another byte/char tokenizer (allow_changes=data.source); a Hugging
+    # Face tokenizer's ids mean nothing under another, so only data.tokenizer waives that check.
+    hf = "hf" in ((saved_tok or {}).get("kind"), (tokenizer_json or {}).get("kind"))
+    waived = "data.tokenizer" in allowed or (not hf and allowed & {"data.source", "data.sources"})
+    if not same and not waived:
         source = ",".join(cfg.data.sources) or cfg.data.source
         prepared = Path(cfg.data.sources[0] if cfg.data.sources else cfg.data.source) / "dataset.json"
         fix = (f"prepare the data again with `jaxsys data prepare ... --tokenizer {run_dir}`"
@@ -114,7 +118,8 @@ def check_run_dir(run_dir: Path, cfg: Config, tokenizer_json: dict | None = None
         raise ConfigError(
             f"run_dir={str(run_dir)!r} holds checkpoints trained with the tokenizer in {tok} "
             f"({_kind(saved_tok)}), but data.source={source!r} gives another one ({_kind(tokenizer_json)}). "
-            f"Use a new run_dir, {fix}, or set checkpoint.allow_changes=data.source if you mean it."
+            f"Use a new run_dir, {fix}, or set checkpoint.allow_changes={'data.tokenizer' if hf else 'data.source'} "
+            "if you mean it."
         )
     return changes
 
