@@ -42,8 +42,8 @@ def main() -> None:
                       "byte": ByteTokenizer()}
         print(f"input: {many.stat().st_size / 1e6:.2f} MB ({args.copies} × Shakespeare), "
               f"best of {args.repeats}\n")
-        print(f"| tokenizer | workers | seconds | MB/s of text | tokens/s |")
-        print(f"|---|---:|---:|---:|---:|")
+        print("| tokenizer | workers | seconds | MB/s of text | tokens/s |")
+        print("|---|---:|---:|---:|---:|")
         for name, tok in tokenizers.items():
             for workers in args.workers:
                 best, meta = float("inf"), None

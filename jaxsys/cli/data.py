@@ -10,8 +10,6 @@ Neither imports JAX. Errors are one line (`ConfigError`), naming the file and th
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from typing import Any, Callable
 
@@ -87,6 +85,4 @@ def cmd_data(args: argparse.Namespace) -> int:
     print(f"Wrote {args.out}: {tr['tokens']:,} train tokens ({tr['documents']:,} documents), {va['tokens']:,} "
           f"val tokens ({va['documents']:,}), {meta['dtype']}, from {len(files)} file(s), "
           f"{meta['text_bytes'] / 1e6:.2f} MB of text in {seconds:.1f}s; train on it with data.source={args.out}")
-    print(json.dumps({"event": "prepared", "out": str(args.out), "seconds": seconds,
-                      "text_bytes": meta["text_bytes"], "tokens": tr["tokens"] + va["tokens"]}), file=sys.stderr)
     return 0

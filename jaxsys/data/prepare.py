@@ -123,7 +123,9 @@ def prepare(files: list[Path], tokenizer: Tokenizer, out: str | Path, *, field: 
     return meta
 
 
-def _write(files, tokenizer, out, field, doc_sep, val_fraction, workers, dtype, progress) -> dict[str, Any]:
+def _write(files: list[Path], tokenizer: Tokenizer, out: Path, field: str, doc_sep: str | None,
+           val_fraction: float, workers: int, dtype: str, progress: bool) -> dict[str, Any]:
+    """`prepare`'s work: token files written as chunks come back, then offsets, tokenizer, metadata."""
     from tqdm.auto import tqdm
     np_dtype = ds.DTYPES[dtype]
     streams = {s: open(out / ds.token_file(s), "wb") for s in ds.SPLITS}
