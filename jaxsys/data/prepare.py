@@ -164,6 +164,10 @@ def _write(files: list[Path], tokenizer: Tokenizer, out: Path, field: str, doc_s
     if len(offsets["train"]) == 1:
         raise ConfigError(f"all {index} documents went to the val split; lower --val-fraction, or split "
                           "the text into more documents (--doc-sep).")
+    if val_fraction > 0 and len(offsets["val"]) == 1:
+        raise ConfigError(f"the val split got none of the {index} document(s) (--val-fraction {val_fraction} "
+                          f"sends every {1 / val_fraction:g}th); split the text into more documents "
+                          "(e.g. --doc-sep '\n\n'), or raise --val-fraction.")
     save_tokenizer(tokenizer, out)
     meta = {"format": ds.FORMAT, "tokenizer": tokenizer.to_json(), "vocab_size": tokenizer.vocab_size,
             "dtype": dtype, "max_token_id": top, "eos_id": tokenizer.eos_id,

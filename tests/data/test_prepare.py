@@ -125,6 +125,8 @@ def test_bad_inputs_name_the_file_and_the_fix(tmp_path, bpe):
         assert not (tmp_path / f"out-{name[:3]}").exists()  # nothing half-written left behind
     with pytest.raises(ConfigError, match="70,000 tokens, more than uint16 holds .*; use --dtype uint32"):
         prepare([good], _BigVocab(), tmp_path / "big", dtype="uint16", progress=False)
+    with pytest.raises(ConfigError, match=r"the val split got none of the 1 document\(s\) .*--doc-sep"):
+        prepare([good], ByteTokenizer(), tmp_path / "one-doc", progress=False)
     prepare([good], ByteTokenizer(), tmp_path / "used", doc_sep="\n", progress=False)
     with pytest.raises(ConfigError, match="is not empty; give a new directory"):
         prepare([good], ByteTokenizer(), tmp_path / "used", progress=False)
