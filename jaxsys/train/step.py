@@ -116,19 +116,18 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
     return train_step
 
 
-PACKED_KEYS = ("positions", "segment_ids", "loss_mask")  # what packed documents add to a batch
-
-
-def abstract_batch(s: Setup, batch_size: int, keys: tuple[str, ...] = ()) -> dict[str, jax.ShapeDtypeStruct]:
-    """The batch a compiled step takes: int32 [batch_size, seq_len] "inputs", "targets" and
-    `keys` (e.g. `PACKED_KEYS`), sharded like the tokens."""
+def abstract_batch(s: Setup, batch_size: int,
+                   keys: tuple[str, ...] = ("inputs", "targets")) -> dict[str, jax.ShapeDtypeStruct]:
+    """The batch a compiled step takes: int32 [batch_size, seq_len] arrays named `keys`
+    (`jaxsys.data.batches.batch_keys`: + positions, segment_ids, loss_mask when packed),
+    sharded like the tokens."""
     tokens = jax.ShapeDtypeStruct((batch_size, s.cfg.model.seq_len), jnp.int32, sharding=s.batch_sharding)
-    return {k: tokens for k in ("inputs", "targets", *keys)}
+    return {k: tokens for k in keys}
 
 
-def compile_train_step(s: Setup, batch_keys: tuple[str, ...] = ()) -> Any:
+def compile_train_step(s: Setup, batch_keys: tuple[str, ...] = ("inputs", "targets")) -> Any:
     """Ahead-of-time compile of the train step with explicit shardings and donated state, for
-    batches of "inputs", "targets" and `batch_keys` (`PACKED_KEYS` for packed documents).
+    batches of `batch_keys` (each int32 [B, T]; `jaxsys.data.batches.batch_keys`).
 
     Returns a `jax.stages.Compiled`: calling it never recompiles, and its `memory_analysis()`
     and `cost_analysis()` describe the program per device."""
@@ -139,9 +138,8 @@ def compile_train_step(s: Setup, batch_keys: tuple[str, ...] = ()) -> Any:
         return step.lower(state, abstract_batch(s, s.cfg.train.batch_size, batch_keys)).compile()
 
 
-def compile_eval_step(s: Setup, batch_size: int, batch_keys: tuple[str, ...] = ()) -> Any:
-    """Compiled `eval_step(params, batch) -> loss` (no dropout); `batch_keys` as for
-    `compile_train_step`."""
+def compile_eval_step(s: Setup, batch_size: int, batch_keys: tuple[str, ...] = ("inputs", "targets")) -> Any:
+    """Compiled `eval_step(params, batch) -> loss` (no dropout), for batches of `batch_keys`."""
     param_abstract = with_shardings(s.abstract_params, s.state_sharding.params)
     reorder = functools.partial(context.reorder_batch, s.cfg, s.mesh.shape["context"])
     fn = jax.jit(lambda p, b: loss(s.model, p, reorder(normalize_loss_mask(b)), None),
