@@ -15,7 +15,7 @@ import sys
 def add_parsers(sub: argparse._SubParsersAction, count) -> None:
     """The `hf` command and its `import` / `export` subcommands."""
     hf = sub.add_parser("hf", help="import a Hugging Face model folder as a run, or export a run to one")
-    cmds = hf.add_subparsers(dest="hf_command", required=True)
+    cmds = hf.add_subparsers(dest="subcommand", required=True)
     p = cmds.add_parser("import", help="a local Hugging Face folder (config.json + safetensors) -> a run directory")
     p.add_argument("src", help="the folder (GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="the new run directory")
@@ -29,17 +29,21 @@ def add_parsers(sub: argparse._SubParsersAction, count) -> None:
     p.add_argument("--out", required=True, metavar="HF_DIR", help="the folder to write")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="split model.safetensors past this size, e.g. 5GB, 500MB (default 5GB)")
+    hf.set_defaults(subcommands=cmds.choices)  # main.parse_args parses `hf import ...` with the inner parser
 
 
 def cmd_hf(args: argparse.Namespace) -> int:
-    if args.hf_command == "import":
+    if args.subcommand == "import":
         from jaxsys.checkpoint.hf import import_to_run_dir
         cfg = import_to_run_dir(args.src, args.out, seq_len=args.seq_len, scan_layers=not args.no_scan_layers,
                                 param_dtype=args.param_dtype)
         m = cfg.model
+        from pathlib import Path
+        ids = '"ids"' in (Path(args.out) / "tokenizer.json").read_text()
         print(f"Imported {args.src} -> {args.out}: {m.family}, {m.num_layers} layers, d={m.embed_dim}, "
-              f"vocab {m.vocab_size}, context {m.seq_len}, {m.param_dtype}. Prompts are token ids until "
-              f"jaxsys reads Hugging Face tokenizers (its files are in {args.out}/tokenizer/).", flush=True)
+              f"vocab {m.vocab_size}, context {m.seq_len}, {m.param_dtype}; "
+              + ("no tokenizer.json in the source: prompts are token ids." if ids else "with its tokenizer."),
+              flush=True)
         return 0
     from jaxsys.checkpoint.hf import export_hf
     files = export_hf(args.run_dir, args.out, args.max_shard_size,

@@ -9,6 +9,8 @@
     jaxsys plan [--preset NAME] [--devices N] [key=value ...] [--json] [--accelerator h100]
                 [--search] [--memory-budget GiB]         # per-device memory/communication, AOT
     jaxsys launch --processes N -- train [...]          # N local processes, one global mesh
+    jaxsys tokenizer train --vocab-size 4096 FILES... --out DIR   # a byte-level BPE on your text
+    jaxsys data prepare FILES... --tokenizer T --out DIR          # a dataset dir: data.source=DIR
     jaxsys hf import SRC --out RUN_DIR | hf export --run-dir DIR --out HF_DIR   # Hugging Face folders
 
 JAX is imported only after the arguments are parsed, so `--devices N` can ask XLA for N
@@ -222,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the jaxsys command each process runs (its --devices is per process)")
     from jaxsys.cli.generate import add_parsers
     add_parsers(sub, _count, _number)
+    from jaxsys.cli import data as data_cli
+    data_cli.add_parsers(sub, _count, _number)
     from jaxsys.cli import hf
     hf.add_parsers(sub, _count)
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run's latest checkpoint")
@@ -247,7 +251,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = parser.get_default("commands")
-    if argv and argv[0] in commands and argv[0] not in ("launch", "hf"):  # hf has subcommands
+    nested = commands[argv[0]].get_default("subcommands") if argv and argv[0] in commands else None
+    if nested and len(argv) > 1 and argv[1] in nested:  # `data prepare ...`: the inner parser intermixes
+        args = nested[argv[1]].parse_intermixed_args(argv[2:])
+        args.command, args.subcommand = argv[0], argv[1]
+    elif argv and argv[0] in commands and argv[0] != "launch" and not nested:
         args = commands[argv[0]].parse_intermixed_args(argv[1:])
         args.command = argv[0]
     else:
@@ -277,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_launch(args)
         if args.command == "train":
             initialize(args.devices, flag=args.distributed)
+        if args.command in ("tokenizer", "data"):
+            from jaxsys.cli import data as data_cli
+            return {"tokenizer": data_cli.cmd_tokenizer, "data": data_cli.cmd_data}[args.command](args)
         return {"train": _cmd_train, "config": _cmd_config, "sample": _cmd_sample,
                 "generate": _cmd_generate, "plan": _cmd_plan,
                 "eval": _cmd_eval, "plot": _cmd_plot, "hf": _cmd_hf}[args.command](args)

@@ -114,7 +114,20 @@ def validate(cfg: Config) -> None:
     _validate_pipeline(cfg)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}.")
+    _validate_data(cfg)
     _validate_logging(cfg)
+
+
+def _validate_data(cfg: Config) -> None:
+    d = cfg.data
+    if d.sources and d.source != "shakespeare":
+        raise ConfigError(f"data.source={d.source!r} and data.sources={','.join(d.sources)} are both set; "
+                          "give one directory as data.source, or several as data.sources.")
+    if d.weights and len(d.weights) != len(d.sources):
+        raise ConfigError(f"data.weights has {len(d.weights)} values for {len(d.sources)} data.sources; "
+                          "give one weight per source (or none for equal weights).")
+    if any(not (w > 0 and math.isfinite(w)) for w in d.weights):  # also refuses nan
+        raise ConfigError(f"data.weights={','.join(map(str, d.weights))}: every weight must be finite and > 0.")
 
 
 def _validate_variants(m) -> None:

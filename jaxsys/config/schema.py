@@ -139,12 +139,20 @@ class LRScheduleConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Training text. `source` is ``shakespeare`` (shipped), a text file, or a ``.bin`` file of
-    uint16 tokens (memory-mapped). The last `val_fraction` of the tokens is held out."""
+    """Training data. `source` is ``shakespeare`` (shipped), a text file, a ``.bin`` file of
+    uint16 tokens (memory-mapped; for these the last `val_fraction` of the tokens is held out),
+    or a dataset directory of `jaxsys data prepare` (its own train/val split and tokenizer).
+
+    `sources` (instead of `source`): several prepared directories, each batch row drawn from
+    one with probability `weights` (normalised; () = equal). `segments`: batches of prepared
+    data carry segment_ids / positions / loss_mask so no prediction crosses a document."""
 
     source: str = "shakespeare"
     tokenizer: Literal["byte", "char"] = "byte"
     val_fraction: float = 0.1
+    sources: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+    segments: bool = True
 
 
 @dataclass(frozen=True)

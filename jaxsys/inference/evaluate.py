@@ -31,7 +31,7 @@ import numpy as np
 from jaxsys.config import ConfigError
 from jaxsys.data import batches as batches_lib
 from jaxsys.data.corpus import load_corpus
-from jaxsys.data.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer
+from jaxsys.data.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer
 from jaxsys.inference.load import LoadedRun, load_run
 from jaxsys.model import loss as loss_lib
 
@@ -54,11 +54,14 @@ class EvalResult:
 
 def token_bytes(tokenizer: Tokenizer) -> np.ndarray | None:
     """UTF-8 bytes of each token id: 1 for byte tokens, the character's for character tokens,
-    None when tokens are plain ids (no text behind them)."""
+    a byte-level BPE's token lengths (`HFTokenizer.token_bytes`), None when tokens are plain
+    ids (no text behind them) or another Hugging Face tokenizer."""
     if isinstance(tokenizer, ByteTokenizer):
         return np.ones(256, np.int64)
     if isinstance(tokenizer, CharTokenizer):
         return np.array([len(c.encode("utf-8")) for c in tokenizer.chars], np.int64)
+    if isinstance(tokenizer, HFTokenizer):  # byte-level BPE: exact; other HF tokenizers: None
+        return tokenizer.token_bytes()
     return None
 
 

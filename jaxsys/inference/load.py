@@ -49,8 +49,8 @@ def read_run(run_dir: str | Path) -> tuple[Config, Tokenizer]:
     if not tok_path.exists():
         raise FileNotFoundError(f"{tok_path} not found: is {run_dir} a jaxsys run directory?")
     try:
-        tokenizer = tokenizer_from_json(run_files.read_json(tok_path))
-    except ValueError as e:
+        tokenizer = tokenizer_from_json(run_files.read_json(tok_path), base=run_dir)  # hf: run_dir/tokenizer/
+    except ValueError as e:  # ConfigError (an unreadable tokenizer/ folder) is a ValueError too
         raise ConfigError(f"{tok_path}: {str(e).splitlines()[0]}; restore it, or run the training "
                           "command again to rewrite it.") from None
     return cfg, tokenizer

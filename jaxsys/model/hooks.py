@@ -59,8 +59,8 @@ def _row_reference(spec: str, h: jax.Array, w: jax.Array, h_axes: Axes, w_axes: 
 
 
 def _attention_reference(q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, *, impl: str,
-                         causal: bool = True) -> jax.Array:
-    return attention_lib.attention(q_BTHE, k_BSKE, v_BSKE, impl=impl, causal=causal)
+                         causal: bool = True, segment_ids: jax.Array | None = None) -> jax.Array:
+    return attention_lib.attention(q_BTHE, k_BSKE, v_BSKE, impl=impl, causal=causal, segment_ids=segment_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,9 +134,12 @@ def embed_lookup(table_VD: jax.Array, tokens_BT: jax.Array, out_axes: Axes = ACT
 
 
 def attention(q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, *, impl: str,
-              causal: bool = True) -> jax.Array:
-    """Softmax attention by `model.attention` = `impl`: [B, T, H, E]."""
-    return current().attention(q_BTHE, k_BSKE, v_BSKE, impl=impl, causal=causal)
+              causal: bool = True, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Softmax attention by `model.attention` = `impl`: [B, T, H, E]. `segment_ids` int [B, T]:
+    packed documents, attention never crosses from one to another (None: one sequence)."""
+    if segment_ids is None:  # so a hook that knows nothing of packing still serves one sequence
+        return current().attention(q_BTHE, k_BSKE, v_BSKE, impl=impl, causal=causal)
+    return current().attention(q_BTHE, k_BSKE, v_BSKE, impl=impl, causal=causal, segment_ids=segment_ids)
 
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:

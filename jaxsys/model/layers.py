@@ -103,7 +103,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
-                 cache: kv_cache.LayerCache | None = None) -> tuple[jax.Array, kv_cache.LayerCache | None]:
+                 cache: kv_cache.LayerCache | None = None,
+                 segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, kv_cache.LayerCache | None]:
         cfg = self.cfg
         D, H, K, E = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
@@ -134,7 +135,8 @@ class Attention(nn.Module):
         v_BTKE = hooks.constrain(v_BTKE, KV_BTKE)
 
         if cache is None:
-            o_BTHE = hooks.attention(q_BTHE, k_BTKE, v_BTKE, impl=cfg.attention, causal=True)
+            o_BTHE = hooks.attention(q_BTHE, k_BTKE, v_BTKE, impl=cfg.attention, causal=True,
+                                     segment_ids=segment_ids_BT)
         else:  # decoding: the new tokens sit at positions start .. start + T - 1 of their row
             cache = kv_cache.write(cache, k_BTKE, v_BTKE, positions_BT[:, 0])
             k_BKSE, v_BKSE = kv_cache.read(cache, cdt)
@@ -181,18 +183,21 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: `(x, positions, cache) -> (x, cache)`, the (carry, scanned
-    output) signature `nn.scan` expects; the cache is None when training."""
+    """Pre-norm residual block: `(x, positions, cache, segment_ids) -> (x, cache)`, the (carry,
+    scanned output) signature `nn.scan` expects; the cache is None when training, the segment
+    ids (packed documents, int [B, T]) None but when packing."""
 
     cfg: ModelConfig
     deterministic: bool = True
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
-                 cache: kv_cache.LayerCache | None = None) -> tuple[jax.Array, kv_cache.LayerCache | None]:
+                 cache: kv_cache.LayerCache | None = None,
+                 segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, kv_cache.LayerCache | None]:
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        h_BTD, cache = Attention(cfg, name="attn")(Norm(cfg, name="ln_attn")(x_BTD), positions_BT, cache)
+        h_BTD, cache = Attention(cfg, name="attn")(Norm(cfg, name="ln_attn")(x_BTD), positions_BT, cache,
+                                                   segment_ids_BT)
         x_BTD = hooks.constrain(x_BTD + drop(h_BTD), ACT_BTD)
         h_BTD = Mlp(cfg, name="mlp")(Norm(cfg, name="ln_mlp")(x_BTD))
         x_BTD = hooks.constrain(x_BTD + drop(h_BTD), ACT_BTD)

@@ -9,32 +9,68 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxsys.model import hooks
 from jaxsys.model.transformer import Transformer
 
-# {"inputs": int32[B, T], "targets": int32[B, T]}, and "positions" int32[B, T] when the tokens
-# are not in order (a context-parallel layout, `jaxsys.parallel.context.reorder_batch`).
+# {"inputs": int32[B, T], "targets": int32[B, T]}, and, when present:
+#   "positions"    int32[B, T]: each token's position (a context-parallel layout reorders the
+#                  tokens, `jaxsys.parallel.context.reorder_batch`; packed documents restart at 0);
+#   "segment_ids"  int32[B, T]: packed documents (equal = same document); attention stays inside;
+#   "loss_mask"    int32[B, T]: 1 where the target counts (0 where it is the next document's
+#                  first token); the loss is the mean over the counted tokens;
+#   "loss_weights" float32[B, T]: what the train step makes of "loss_mask" for the whole batch
+#                  (`normalize_loss_mask`), so microbatch and device means add up exactly.
 Batch = dict[str, jax.Array]
 
 
-def mean_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy over [B, T], in nats per token (float32)."""
-    return hooks.cross_entropy(logits_BTV, targets_BT).mean()
+def mean_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
+                       weights_BT: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy over [B, T], in nats per token (float32); with
+    `weights_BT`, the mean of the weighted per-token values."""
+    ce_BT = hooks.cross_entropy(logits_BTV, targets_BT)
+    return ce_BT.mean() if weights_BT is None else (ce_BT * weights_BT).mean()
+
+
+def normalize_loss_mask(batch: Batch) -> Batch:
+    """`batch` with its "loss_mask" (if any) turned into "loss_weights" = mask / mean(mask) over
+    the whole [B, T]: the plain mean of ce · weights over any equal-sized split of the batch
+    (accumulation microbatches, data-parallel shards, pipeline microbatches), averaged, is the
+    mean over the counted tokens of the whole batch. A batch with nothing counted gets 0."""
+    if "loss_mask" not in batch:
+        return batch
+    out = {k: v for k, v in batch.items() if k != "loss_mask"}
+    mask_BT = batch["loss_mask"].astype(jnp.float32)
+    out["loss_weights"] = mask_BT / jnp.maximum(mask_BT.mean(), 1.0 / mask_BT.size)
+    return out
+
+
+def loss_weights(batch: Batch) -> jax.Array | None:
+    """The per-token weights of `batch`'s mean loss: "loss_weights", else "loss_mask"
+    normalized over this batch, else None (every token counts)."""
+    if "loss_weights" in batch:
+        return batch["loss_weights"]
+    if "loss_mask" in batch:
+        return normalize_loss_mask(batch)["loss_weights"]
+    return None
 
 
 def loss(model: Transformer, params: Any, batch: Batch, dropout_key: jax.Array | None) -> jax.Array:
-    """The model's mean loss on `batch`; with dropout when `dropout_key` is given."""
-    positions_BT = batch.get("positions")
+    """The model's mean loss on `batch` (see `Batch` for its keys); with dropout when
+    `dropout_key` is given."""
+    args = (batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
     if dropout_key is None:
-        logits_BTV = model.apply({"params": params}, batch["inputs"], positions_BT)
+        logits_BTV = model.apply({"params": params}, *args)
     else:
-        logits_BTV = model.clone(deterministic=False).apply(
-            {"params": params}, batch["inputs"], positions_BT, rngs={"dropout": dropout_key})
-    return mean_cross_entropy(logits_BTV, batch["targets"])
+        logits_BTV = model.clone(deterministic=False).apply({"params": params}, *args,
+                                                            rngs={"dropout": dropout_key})
+    return mean_cross_entropy(logits_BTV, batch["targets"], loss_weights(batch))
 
 
-def token_losses(model: Transformer, params: Any, inputs_BT: jax.Array, targets_BT: jax.Array) -> jax.Array:
+def token_losses(model: Transformer, params: Any, inputs_BT: jax.Array, targets_BT: jax.Array,
+                 positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None) -> jax.Array:
     """Next-token cross-entropy at every position, in nats, float32 [B, T] (no dropout): for
     evaluations that mask padding or add up nats instead of averaging per batch."""
-    return hooks.cross_entropy(model.apply({"params": params}, inputs_BT), targets_BT)
+    logits_BTV = model.apply({"params": params}, inputs_BT, positions_BT, segment_ids_BT)
+    return hooks.cross_entropy(logits_BTV, targets_BT)

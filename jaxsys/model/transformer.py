@@ -69,7 +69,7 @@ class Transformer(nn.Module):
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
         if c.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast, 0), length=c.num_layers,
+                            in_axes=(nn.broadcast, 0, nn.broadcast), length=c.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             self.layers = stack(c, self.deterministic)
         else:
@@ -78,12 +78,15 @@ class Transformer(nn.Module):
         if not c.tied_head:
             self.head_DV = _declare(self, "head", (c.embed_dim, c.vocab_size), ("embed", "vocab"), pdt)
 
-    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
-        """`positions_BT`: each token's position when the tokens are not in order 0 .. T-1 (a
-        context-parallel layout); the causal mask is then the attention hook's to apply."""
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+                 segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        """`positions_BT`: each token's position when it is not its index 0 .. T-1 (a context-
+        parallel layout: the causal mask is then the attention hook's to apply; packed
+        documents: positions restart at each document). `segment_ids_BT` (int, equal = same
+        document): packed documents, attention never crosses from one to another."""
         embed_VD = hooks.use_weight(self.embed_VD, _EMBED_VD)  # used twice when tied: fetched once
         x_BTD = self.embed(tokens_BT, embed_VD, positions_BT)
-        return self.head(self.blocks(x_BTD, positions_BT), embed_VD)
+        return self.head(self.blocks(x_BTD, positions_BT, segment_ids_BT), embed_VD)
 
     def embed(self, tokens_BT: jax.Array, embed_VD: jax.Array | None = None,
               positions_BT: jax.Array | None = None) -> jax.Array:
@@ -103,12 +106,14 @@ class Transformer(nn.Module):
             x_BTD = x_BTD + pos.astype(c.compute_dtype)
         return hooks.constrain(self.Dropout_0(x_BTD), ACT_BTD)
 
-    def blocks(self, x_BTD: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
-        """Every layer in order: [B, T, D] -> [B, T, D] (positions 0 .. T-1 unless given)."""
+    def blocks(self, x_BTD: jax.Array, positions_BT: jax.Array | None = None,
+               segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        """Every layer in order: [B, T, D] -> [B, T, D] (positions 0 .. T-1 unless given; one
+        document per row unless `segment_ids_BT`)."""
         B, T = x_BTD.shape[:2]
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-        return self._layers(x_BTD, positions_BT, None)[0]
+        return self._layers(x_BTD, positions_BT, None, segment_ids_BT)[0]
 
     def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, caches: Any,
                logits_at_B: jax.Array | None = None) -> tuple[jax.Array, Any]:
@@ -121,12 +126,13 @@ class Transformer(nn.Module):
             x_BTD = jnp.take_along_axis(x_BTD, logits_at_B[:, None, None], axis=1)
         return self.head(x_BTD, embed_VD), caches
 
-    def _layers(self, x_BTD: jax.Array, positions_BT: jax.Array, caches: Any) -> tuple[jax.Array, Any]:
+    def _layers(self, x_BTD: jax.Array, positions_BT: jax.Array, caches: Any,
+                segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, Any]:
         if self.c.scan_layers:
-            return self.layers(x_BTD, positions_BT, caches)
+            return self.layers(x_BTD, positions_BT, caches, segment_ids_BT)
         new = []
         for i, layer in enumerate(self.layer):
-            x_BTD, cache = layer(x_BTD, positions_BT, None if caches is None else caches[i])
+            x_BTD, cache = layer(x_BTD, positions_BT, None if caches is None else caches[i], segment_ids_BT)
             new.append(cache)
         return x_BTD, None if caches is None else tuple(new)
 
@@ -145,14 +151,15 @@ class Transformer(nn.Module):
                                    LOGITS_BTV, preferred_element_type=jnp.float32)
 
 
-def block_fn(cfg: ModelConfig) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-    """One layer as a function `(layer_params, x_BTD, positions_BT) -> x_BTD`, without dropout and
-    with the model's remat policy: the body of the model's layer loop, for code that walks the
-    layers itself (a pipeline stage recomputing one layer at a time)."""
+def block_fn(cfg: ModelConfig) -> Callable[..., jax.Array]:
+    """One layer as a function `(layer_params, x_BTD, positions_BT, segment_ids_BT=None) -> x_BTD`,
+    without dropout and with the model's remat policy: the body of the model's layer loop, for
+    code that walks the layers itself (a pipeline stage recomputing one layer at a time)."""
     c = cfg.resolved()
 
-    def block(layer: Any, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
-        return Block(c).apply({"params": layer}, x_BTD, positions_BT)[0]
+    def block(layer: Any, x_BTD: jax.Array, positions_BT: jax.Array,
+              segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        return Block(c).apply({"params": layer}, x_BTD, positions_BT, None, segment_ids_BT)[0]
 
     if c.remat != "none":
         block = jax.checkpoint(block, policy=REMAT_POLICIES[c.remat])

@@ -24,8 +24,9 @@ holds chunks i and 2c-1-i, so every device attends over the same number of (quer
 positions (RoPE or the learned position table follow the tokens); the mean loss is a sum over
 tokens, so it is unchanged. `layout_order` is the one definition of the layout.
 
-Segment ids (packed documents) do not exist in the model yet; when they do, each kind must mask
-by them or refuse them.
+Packed documents: the segment ids travel with the keys (gathered with them, or around the ring
+with each block; Ulysses gathers the whole row's), and each kind masks by them besides the
+causal mask, so attention never crosses a document boundary.
 
 Shapes: B batch, T sequence (t = T / c on one device), H query heads, K K/V heads, E head size.
 """
@@ -65,14 +66,16 @@ def zigzag(cfg: Config) -> bool:
 
 
 def reorder_batch(cfg: Config, context: int, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """`batch` ([B, T] inputs and targets) in the layout order of a `context`-way split, with
-    the natural `positions` of each token (also in contiguous order: a device that holds part
-    of the sequence cannot count its positions from 0); unchanged when context is 1."""
+    """`batch` (every [B, T] array of it) in the layout order of a `context`-way split, with
+    the natural `positions` of each token unless it has its own (packed documents); also in
+    contiguous order: a device that holds part of the sequence cannot count its positions from
+    0. Unchanged when context is 1."""
     if context == 1:
         return batch
     order_T = layout_order(batch["inputs"].shape[1], context, cfg.context_parallel.load_balance)
-    out = {k: v[:, order_T] for k, v in batch.items()}
-    out["positions"] = jnp.broadcast_to(jnp.asarray(order_T), batch["inputs"].shape)
+    out = {k: v[:, order_T] for k, v in batch.items()}  # positions and segment ids of packing too
+    if "positions" not in batch:
+        out["positions"] = jnp.broadcast_to(jnp.asarray(order_T), batch["inputs"].shape)
     return out
 
 
@@ -87,44 +90,52 @@ def attention_work(seq_len: int, context: int, zigzag: bool, causal: bool = True
 # ----------------------------------------------------------------------------- the kinds (per device)
 
 
-def _all_gather(cp: ContextParallelConfig, causal: bool, q_bthE, k_btkE, v_btkE):
+def _all_gather(cp: ContextParallelConfig, causal: bool, q_bthE, k_btkE, v_btkE, seg_bt=None):
     c, t = jax.lax.axis_size(AXIS), q_bthE.shape[1]
     k_bTkE = jax.lax.all_gather(k_btkE, AXIS, axis=1, tiled=True)  # in layout order
     v_bTkE = jax.lax.all_gather(v_btkE, AXIS, axis=1, tiled=True)
-    mask_tT = None
+    mask = None
     if causal:
         order_T = jnp.asarray(layout_order(c * t, c, cp.load_balance))
         q_pos_t = jax.lax.dynamic_slice_in_dim(order_T, jax.lax.axis_index(AXIS) * t, t)
-        mask_tT = q_pos_t[:, None] >= order_T[None, :]
-    o_bthE, _ = attention_lib.attention_with_lse(q_bthE, k_bTkE, v_bTkE, causal=False, mask_TS=mask_tT)
+        mask = q_pos_t[:, None] >= order_T[None, :]
+    if seg_bt is not None:  # packed documents: the keys' ids travel with the keys
+        seg_bT = jax.lax.all_gather(seg_bt, AXIS, axis=1, tiled=True)
+        same_doc = attention_lib.segment_mask(seg_bt, seg_bT)
+        mask = same_doc if mask is None else mask & same_doc
+    o_bthE, _ = attention_lib.attention_with_lse(q_bthE, k_bTkE, v_bTkE, causal=False, mask_TS=mask)
     return o_bthE.astype(q_bthE.dtype)
 
 
-def _ulysses(cp: ContextParallelConfig, causal: bool, impl: str, q_bthE, k_btkE, v_btkE):
+def _ulysses(cp: ContextParallelConfig, causal: bool, impl: str, q_bthE, k_btkE, v_btkE, seg_bt=None):
     c, t = jax.lax.axis_size(AXIS), q_bthE.shape[1]
     to_heads = functools.partial(jax.lax.all_to_all, axis_name=AXIS, split_axis=2, concat_axis=1, tiled=True)
     q_bTHE, k_bTKE, v_bTKE = to_heads(q_bthE), to_heads(k_btkE), to_heads(v_btkE)  # layout order
+    seg_bT = None if seg_bt is None else jax.lax.all_gather(seg_bt, AXIS, axis=1, tiled=True)
     order_T = layout_order(c * t, c, cp.load_balance)
     natural = not np.array_equal(order_T, np.arange(c * t))
     if natural:  # back to natural order, so the plain causal mask (and any kernel) applies
         inverse_T = np.argsort(order_T)
         q_bTHE, k_bTKE, v_bTKE = (x[:, inverse_T] for x in (q_bTHE, k_bTKE, v_bTKE))
-    o_bTHE = attention_lib.attention(q_bTHE, k_bTKE, v_bTKE, impl=impl, causal=causal)
+        seg_bT = None if seg_bT is None else seg_bT[:, inverse_T]
+    o_bTHE = attention_lib.attention(q_bTHE, k_bTKE, v_bTKE, impl=impl, causal=causal, segment_ids=seg_bT)
     if natural:
         o_bTHE = o_bTHE[:, order_T]
     return jax.lax.all_to_all(o_bTHE, AXIS, split_axis=1, concat_axis=2, tiled=True)
 
 
-def _ring(cp: ContextParallelConfig, causal: bool, impl: str, q_bthE, k_btkE, v_btkE):
+def _ring(cp: ContextParallelConfig, causal: bool, impl: str, q_bthE, k_btkE, v_btkE, seg_bt=None):
     st = RingStatics(size=jax.lax.axis_size(AXIS), causal=causal, zigzag=cp.load_balance,
                      impl="pallas" if impl == "pallas" else "xla")
-    return ring_attention(q_bthE, k_btkE, v_btkE, st)
+    return ring_attention(q_bthE, k_btkE, v_btkE, st, seg_bt)
 
 
 def context_attention(mesh: Mesh, rules: Rules, cp: ContextParallelConfig, q_BTHE: jax.Array,
-                      k_BSKE: jax.Array, v_BSKE: jax.Array, *, impl: str, causal: bool = True) -> jax.Array:
+                      k_BSKE: jax.Array, v_BSKE: jax.Array, *, impl: str, causal: bool = True,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
     """The `attention` hook under context parallelism: [B, T, H, E] laid out as the activation
-    rules say (sequence over context), by `cp.kind`."""
+    rules say (sequence over context), by `cp.kind`; `segment_ids` [B, T] (packed documents, in
+    the same layout) keep attention inside each document in every kind."""
     if cp.kind == "all-gather":
         local = functools.partial(_all_gather, cp, causal)
     elif cp.kind == "ulysses":
@@ -133,8 +144,10 @@ def context_attention(mesh: Mesh, rules: Rules, cp: ContextParallelConfig, q_BTH
         local = functools.partial(_ring, cp, causal, impl)
     q_spec = dividing_spec(("batch", "seq", "heads", "head_dim"), q_BTHE.shape, mesh, rules)
     kv_spec = dividing_spec(("batch", "seq", "kv_heads", "head_dim"), k_BSKE.shape, mesh, rules)
-    return shard_map(local, mesh, mesh.axis_names, in_specs=(q_spec, kv_spec, kv_spec),
-                     out_specs=q_spec, check_vma=False)(q_BTHE, k_BSKE, v_BSKE)
+    args, specs = (q_BTHE, k_BSKE, v_BSKE), (q_spec, kv_spec, kv_spec)
+    if segment_ids is not None:
+        args, specs = (*args, segment_ids), (*specs, dividing_spec(("batch", "seq"), segment_ids.shape, mesh, rules))
+    return shard_map(local, mesh, mesh.axis_names, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
 
 
 def check_context(cfg: Config, sizes: dict[str, int]) -> None:

@@ -37,19 +37,25 @@ from jaxsys.parallel.rules import ACTIVATION_RULES, Rules
 
 
 def sharded_attention(mesh: Mesh, rules: Rules, q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array,
-                      *, impl: str, causal: bool = True) -> jax.Array:
+                      *, impl: str, causal: bool = True, segment_ids: jax.Array | None = None) -> jax.Array:
     """`attention_lib.attention` on a mesh. XLA and cuDNN attention are partitioned by GSPMD;
     the Pallas kernel runs inside `jax.shard_map`: batch split as the rules split `batch` (data
     × fsdp), heads as they split `heads` / `kv_heads` (tensor), the whole sequence on every
     device. Query head h of a shard still reads K/V head h // G of that shard, because heads are
-    split in contiguous blocks of whole groups."""
+    split in contiguous blocks of whole groups. `segment_ids` [B, T] (packed documents) are
+    split as the batch."""
     if impl != "pallas":
-        return attention_lib.attention(q_BTHE, k_BSKE, v_BSKE, impl=impl, causal=causal)
-    kernel = functools.partial(attention_lib.pallas_attention, causal=causal)
+        return attention_lib.attention(q_BTHE, k_BSKE, v_BSKE, impl=impl, causal=causal, segment_ids=segment_ids)
     q_spec = dividing_spec(("batch", None, "heads", "head_dim"), q_BTHE.shape, mesh, rules)
     kv_spec = dividing_spec(("batch", None, "kv_heads", "head_dim"), k_BSKE.shape, mesh, rules)
-    return shard_map(kernel, mesh, mesh.axis_names, in_specs=(q_spec, kv_spec, kv_spec),
-                     out_specs=q_spec, check_vma=False)(q_BTHE, k_BSKE, v_BSKE)
+    args, specs = (q_BTHE, k_BSKE, v_BSKE), (q_spec, kv_spec, kv_spec)
+    if segment_ids is not None:
+        args, specs = (*args, segment_ids), (*specs, dividing_spec(("batch", None), segment_ids.shape, mesh, rules))
+
+    def kernel(q, k, v, seg=None):
+        return attention_lib.pallas_attention(q, k, v, causal=causal, segment_ids=seg)
+
+    return shard_map(kernel, mesh, mesh.axis_names, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
 
 
 def parallel_hooks(mesh: Mesh, rules: Rules = ACTIVATION_RULES,

@@ -35,6 +35,10 @@ Causal masks (queries see keys at positions ≤ their own) are exact per block a
 Step 0 (the device's own block) is the causal diagonal in both layouts: positions increase
 along a device's local block, so the plain causal mask is the positional one.
 
+Packed documents: each block's segment ids travel with it (both rings), and every block's
+attention also masks by them. A query that sees no key of a block gets an lse of about -3e38,
+so the block's weight in the merge is 0 (and so are its gradients).
+
 Shapes: b rows, t local positions, h query heads, k K/V heads on this device, E head size.
 """
 
@@ -62,9 +66,11 @@ class RingStatics:
     scale: float | None = None
 
 
-def ring_attention(q_bthE: jax.Array, k_btkE: jax.Array, v_btkE: jax.Array, st: RingStatics) -> jax.Array:
-    """This device's attention output [b, t, h, E] (q's dtype) over the whole ring's K/V."""
-    return _ring(st, q_bthE, k_btkE, v_btkE)
+def ring_attention(q_bthE: jax.Array, k_btkE: jax.Array, v_btkE: jax.Array, st: RingStatics,
+                   segment_ids_bt: jax.Array | None = None) -> jax.Array:
+    """This device's attention output [b, t, h, E] (q's dtype) over the whole ring's K/V;
+    with `segment_ids_bt` (packed documents, this device's positions) only within documents."""
+    return _ring(st, q_bthE, k_btkE, v_btkE, segment_ids_bt)
 
 
 def _weight(lse_r_bht: jax.Array, lse_bht: jax.Array) -> jax.Array:
@@ -78,11 +84,15 @@ def _skipped(q_bthE: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _block(st: RingStatics, shift: jax.Array | int, q: jax.Array, k: jax.Array, v: jax.Array,
-           diagonal: bool = False) -> tuple[jax.Array, jax.Array]:
+           q_seg: jax.Array | None, kv_seg: jax.Array | None, diagonal: bool = False,
+           ) -> tuple[jax.Array, jax.Array]:
     """(o float32 [b, t, h, E], lse [b, h, t]) of this device's queries over the K/V block that
     started on device (i - shift) mod c (`diagonal`: its own block), with the causal mask exact
-    for the layout."""
-    attend = functools.partial(attention_with_lse, impl=st.impl, scale=st.scale)
+    for the layout and, with segment ids ([b, t] each), the documents'."""
+    def attend(q, k, v, *, causal, qs=slice(None), ks=slice(None)):
+        seg = None if q_seg is None else (q_seg[:, qs], kv_seg[:, ks])
+        return attention_with_lse(q, k, v, causal=causal, impl=st.impl, scale=st.scale, segment_ids=seg)
+
     if diagonal:
         return attend(q, k, v, causal=st.causal)
     if not st.causal:
@@ -94,10 +104,10 @@ def _block(st: RingStatics, shift: jax.Array | int, q: jax.Array, k: jax.Array, 
     half = q.shape[1] // 2
 
     def first_half_of_keys():
-        return attend(q, k[:, :half], v[:, :half], causal=False)
+        return attend(q, k[:, :half], v[:, :half], causal=False, ks=slice(None, half))
 
     def second_half_of_queries():
-        o_bthE, lse_bht = attend(q[:, half:], k, v, causal=False)
+        o_bthE, lse_bht = attend(q[:, half:], k, v, causal=False, qs=slice(half, None))
         zero_o, none_lse = _skipped(q[:, :half])
         return (jnp.concatenate([zero_o, o_bthE], axis=1), jnp.concatenate([none_lse, lse_bht], axis=2))
 
@@ -119,17 +129,17 @@ def _steps(size: int, body, carry):
     return body(carry, size - 1, True)
 
 
-def _forward(st: RingStatics, q, k, v) -> tuple[jax.Array, jax.Array]:
-    """Merged (o float32, lse) over every block of the ring."""
-    kv = _send((k, v)) if st.size > 1 else None  # the next block travels while this one is attended
-    o, lse = _block(st, 0, q, k, v, diagonal=True)
+def _forward(st: RingStatics, q, k, v, seg) -> tuple[jax.Array, jax.Array]:
+    """Merged (o float32, lse) over every block of the ring; a block's segment ids travel with it."""
+    kv = _send((k, v, seg)) if st.size > 1 else None  # the next block travels while this one is attended
+    o, lse = _block(st, 0, q, k, v, seg, seg, diagonal=True)
     if st.size == 1:
         return o, lse
 
     def step(carry, r, last):
         o, lse, kv = carry
         nxt = kv if last else _send(kv)
-        o_r, lse_r = _block(st, r, q, *kv)
+        o_r, lse_r = _block(st, r, q, kv[0], kv[1], seg, kv[2])
         merged = jnp.logaddexp(lse, lse_r)
         return o * _weight(lse, merged) + o_r * _weight(lse_r, merged), merged, nxt
 
@@ -138,31 +148,33 @@ def _forward(st: RingStatics, q, k, v) -> tuple[jax.Array, jax.Array]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(st: RingStatics, q, k, v):
-    return _forward(st, q, k, v)[0].astype(q.dtype)
+def _ring(st: RingStatics, q, k, v, seg):
+    return _forward(st, q, k, v, seg)[0].astype(q.dtype)
 
 
-def _ring_fwd(st: RingStatics, q, k, v):
-    o, lse = _forward(st, q, k, v)
-    return o.astype(q.dtype), (q, k, v, o, lse)
+def _ring_fwd(st: RingStatics, q, k, v, seg):
+    o, lse = _forward(st, q, k, v, seg)
+    return o.astype(q.dtype), (q, k, v, seg, o, lse)
 
 
 def _ring_bwd(st: RingStatics, res, do_bthE):
-    q, k, v, o, lse = res
+    q, k, v, seg, o, lse = res
     do = do_bthE.astype(jnp.float32)
 
     def grads(shift, kv, diagonal=False):
-        """This device's share of dq, dk, dv through the block that started on i - shift."""
-        (o_r, lse_r), vjp = jax.vjp(lambda q_, k_, v_: _block(st, shift, q_, k_, v_, diagonal), q, *kv)
+        """This device's share of dq, dk, dv through the block (k, v, its segment ids) that
+        started on i - shift."""
+        (o_r, lse_r), vjp = jax.vjp(lambda q_, k_, v_: _block(st, shift, q_, k_, v_, seg, kv[2], diagonal),
+                                    q, kv[0], kv[1])
         w = _weight(lse_r, lse)
         dlse_r = (w[..., 0] * jnp.einsum("bthe,bthe->bth", do, o_r - o)).transpose(0, 2, 1)
         return [g.astype(jnp.float32) for g in vjp((w * do, dlse_r))]
 
-    dq, dk, dv = grads(0, (k, v), diagonal=True)
+    dq, dk, dv = grads(0, (k, v, seg), diagonal=True)
     if st.size == 1:
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
     # The other way round: at step r, the block of device i + r with its accumulator.
-    carry = (dq, _send((k, v), -1), _send((dk, dv), -1))
+    carry = (dq, _send((k, v, seg), -1), _send((dk, dv), -1))
 
     def step(carry, r, last):
         dq, kv, dkv = carry
@@ -171,7 +183,7 @@ def _ring_bwd(st: RingStatics, res, do_bthE):
         return dq + dq_r, (kv if last else _send(kv, -1)), dkv
 
     dq, _, (dk, dv) = _steps(st.size, step, carry)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)

@@ -176,7 +176,7 @@ def _accept(run: _Run, start_step: int) -> None:
         _warn(f"{'Resuming' if start_step else 'Starting'} with changed settings: "
               f"{run_dir_lib.describe(run.changes)} (recorded in {run.run_dir / run_dir_lib.CHANGES})")
     if _is_main():
-        run_dir_lib.accept(run.run_dir, run.cfg, run.corpus.tokenizer.to_json(), run.changes, start_step)
+        run_dir_lib.accept(run.run_dir, run.cfg, run.corpus.tokenizer, run.changes, start_step)
 
 
 def _nothing_to_train(run: _Run, manager: Any, start_step: int, state: Any) -> "TrainResult":
@@ -191,7 +191,7 @@ def _nothing_to_train(run: _Run, manager: Any, start_step: int, state: Any) -> "
     _warn(f"Nothing to train: {run.run_dir} is already at step {start_step} {where}; raise train.steps "
           f"to continue, or use a new run_dir.{unused}")
     if _is_main() and not (run.run_dir / run_files.CONFIG).exists():  # the checkpoint agreed: restore it
-        run_dir_lib.accept(run.run_dir, run.cfg, run.corpus.tokenizer.to_json(), [], start_step)
+        run_dir_lib.accept(run.run_dir, run.cfg, run.corpus.tokenizer, [], start_step)
     return TrainResult(final_step=start_step, start_step=start_step, train_loss=float("nan"),
                        val_loss=float("nan"), compile_seconds=0.0, train_seconds=0.0, tokens_per_sec=0.0,
                        num_params=run.num_params, state=state, tokenizer=run.corpus.tokenizer)
@@ -200,8 +200,9 @@ def _nothing_to_train(run: _Run, manager: Any, start_step: int, state: Any) -> "
 def _compile(run: _Run) -> tuple[Any, Any, float]:
     """The compiled train and eval steps, and the seconds compiling took."""
     t0 = time.perf_counter()
-    step_fn = step_lib.compile_train_step(run.setup)
-    eval_fn = step_lib.compile_eval_step(run.setup, run.cfg.train.batch_size)
+    keys = batches_lib.batch_keys(run.corpus.train)  # + segment_ids, positions, loss_mask when packed
+    step_fn = step_lib.compile_train_step(run.setup, keys)
+    eval_fn = step_lib.compile_eval_step(run.setup, run.cfg.train.batch_size, keys)
     seconds = time.perf_counter() - t0
     _log(f"Compiled train and eval steps in {seconds:.1f}s", "compiled", seconds=seconds)
     return step_fn, eval_fn, seconds

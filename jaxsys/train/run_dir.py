@@ -22,6 +22,7 @@ from typing import Any
 from jaxsys import config as config_lib
 from jaxsys.checkpoint.run_files import CONFIG, TOKENIZER, read_json, write_atomic
 from jaxsys.config import Config, ConfigError
+from jaxsys.data.tokenizers import Tokenizer, save_tokenizer
 
 CHANGES = "config_changes.jsonl"
 
@@ -30,7 +31,8 @@ CHANGES = "config_changes.jsonl"
 # `checkpoint.allow_changes` (the shape keys are then still checked against the checkpoint).
 MEANING_KEYS = tuple(f"model.{k}" for k in ("family", "vocab_size", "seq_len", "num_layers", "embed_dim",
                                             "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-                                            "scan_layers", "param_dtype")) + ("data.source", "data.tokenizer")
+                                            "scan_layers", "param_dtype")) + ("data.source", "data.tokenizer",
+                                                                                "data.sources")
 # Not a setting of the run: a copied or moved run directory resumes without a word.
 IGNORED_KEYS = ("run_dir",)
 
@@ -104,13 +106,27 @@ def check_run_dir(run_dir: Path, cfg: Config, tokenizer_json: dict | None = None
     saved_tok = read_json(tok) if tokenizer_json is not None and tok.exists() else tokenizer_json
     # Before plain ids existed, a .bin run without a tokenizer saved "byte": the same ids.
     same = saved_tok == tokenizer_json or (saved_tok == {"kind": "byte"} and tokenizer_json == {"kind": "ids"})
-    if not same and "data.tokenizer" not in allowed and "data.source" not in allowed:
+    # Other data may come with another byte/char tokenizer (allow_changes=data.source); a Hugging
+    # Face tokenizer's ids mean nothing under another, so only data.tokenizer waives that check.
+    hf = "hf" in ((saved_tok or {}).get("kind"), (tokenizer_json or {}).get("kind"))
+    waived = "data.tokenizer" in allowed or (not hf and allowed & {"data.source", "data.sources"})
+    if not same and not waived:
+        source = ",".join(cfg.data.sources) or cfg.data.source
+        prepared = Path(cfg.data.sources[0] if cfg.data.sources else cfg.data.source) / "dataset.json"
+        fix = (f"prepare the data again with `jaxsys data prepare ... --tokenizer {run_dir}`"
+               if prepared.is_file() else "use the run's data")
         raise ConfigError(
-            f"run_dir={str(run_dir)!r} holds checkpoints trained with the tokenizer in {tok}, but "
-            f"data.source={cfg.data.source!r} gives another one ({tokenizer_json.get('kind')}). Use the "
-            "run's data, a new run_dir, or set checkpoint.allow_changes=data.source if you mean it."
+            f"run_dir={str(run_dir)!r} holds checkpoints trained with the tokenizer in {tok} "
+            f"({_kind(saved_tok)}), but data.source={source!r} gives another one ({_kind(tokenizer_json)}). "
+            f"Use a new run_dir, {fix}, or set checkpoint.allow_changes={'data.tokenizer' if hf else 'data.source'} "
+            "if you mean it."
         )
     return changes
+
+
+def _kind(tokenizer_json: dict | None) -> str:
+    data = tokenizer_json or {}
+    return f"hf sha256 {data.get('sha256', '')[:12]}…" if data.get("kind") == "hf" else str(data.get("kind"))
 
 
 def describe(changes: list[Change]) -> str:
@@ -118,13 +134,14 @@ def describe(changes: list[Change]) -> str:
     return ", ".join(map(str, changes))
 
 
-def accept(run_dir: Path, cfg: Config, tokenizer_json: dict, changes: list[Change], step: int) -> None:
-    """The resume (or new run) is accepted: write config.json and tokenizer.json (atomically) and
-    append the changed settings to config_changes.jsonl. Call on one process only."""
+def accept(run_dir: Path, cfg: Config, tokenizer: Tokenizer, changes: list[Change], step: int) -> None:
+    """The resume (or new run) is accepted: write config.json and the tokenizer (tokenizer.json,
+    and tokenizer/ for a Hugging Face one: `save_tokenizer`; atomically) and append the changed
+    settings to config_changes.jsonl. Call on one process only."""
     if changes:
         row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step,
                "changes": {c.key: [c.old, c.new] for c in changes}}
         with open(run_dir / CHANGES, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
     write_atomic(run_dir / CONFIG, config_lib.to_json(cfg))
-    write_atomic(run_dir / TOKENIZER, json.dumps(tokenizer_json))
+    save_tokenizer(tokenizer, run_dir)

@@ -22,7 +22,7 @@ from jaxsys.config import Config
 from jaxsys.data.batches import split_microbatches
 from jaxsys.model import hooks
 from jaxsys.model.axes import TOKENS_BT
-from jaxsys.model.loss import Batch, loss
+from jaxsys.model.loss import Batch, loss, normalize_loss_mask
 from jaxsys.parallel import context, zero
 from jaxsys.parallel.install import parallelize
 from jaxsys.parallel.mesh import replicated
@@ -101,6 +101,7 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(base_key, state.step) if use_dropout else None
+        batch = normalize_loss_mask(batch)  # packed documents: weights over the whole batch
         batch = context.reorder_batch(cfg, s.mesh.shape["context"], batch)  # zigzag, if on
         loss_, grads = loss_and_grads(state.params, batch, key)
         if cfg.faults.nan_steps:
@@ -115,27 +116,34 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
     return train_step
 
 
-def compile_train_step(s: Setup) -> Any:
-    """Ahead-of-time compile of the train step with explicit shardings and donated state.
+def abstract_batch(s: Setup, batch_size: int,
+                   keys: tuple[str, ...] = ("inputs", "targets")) -> dict[str, jax.ShapeDtypeStruct]:
+    """The batch a compiled step takes: int32 [batch_size, seq_len] arrays named `keys`
+    (`jaxsys.data.batches.batch_keys`: + positions, segment_ids, loss_mask when packed),
+    sharded like the tokens."""
+    tokens = jax.ShapeDtypeStruct((batch_size, s.cfg.model.seq_len), jnp.int32, sharding=s.batch_sharding)
+    return {k: tokens for k in keys}
+
+
+def compile_train_step(s: Setup, batch_keys: tuple[str, ...] = ("inputs", "targets")) -> Any:
+    """Ahead-of-time compile of the train step with explicit shardings and donated state, for
+    batches of `batch_keys` (each int32 [B, T]; `jaxsys.data.batches.batch_keys`).
 
     Returns a `jax.stages.Compiled`: calling it never recompiles, and its `memory_analysis()`
     and `cost_analysis()` describe the program per device."""
     state = with_shardings(abstract_state(s), s.state_sharding)
-    tokens = jax.ShapeDtypeStruct((s.cfg.train.batch_size, s.cfg.model.seq_len), jnp.int32,
-                                  sharding=s.batch_sharding)
     step = jax.jit(make_train_step(s), in_shardings=(s.state_sharding, s.batch_sharding),
                    out_shardings=(s.state_sharding, replicated(s.mesh)), donate_argnums=0)
     with parallelize(s.mesh, s.activation_rules, s.cfg.context_parallel):
-        return step.lower(state, {"inputs": tokens, "targets": tokens}).compile()
+        return step.lower(state, abstract_batch(s, s.cfg.train.batch_size, batch_keys)).compile()
 
 
-def compile_eval_step(s: Setup, batch_size: int) -> Any:
-    """Compiled `eval_step(params, batch) -> loss` (no dropout)."""
+def compile_eval_step(s: Setup, batch_size: int, batch_keys: tuple[str, ...] = ("inputs", "targets")) -> Any:
+    """Compiled `eval_step(params, batch) -> loss` (no dropout), for batches of `batch_keys`."""
     param_abstract = with_shardings(s.abstract_params, s.state_sharding.params)
-    tokens = jax.ShapeDtypeStruct((batch_size, s.cfg.model.seq_len), jnp.int32, sharding=s.batch_sharding)
     reorder = functools.partial(context.reorder_batch, s.cfg, s.mesh.shape["context"])
-    fn = jax.jit(lambda p, b: loss(s.model, p, reorder(b), None),
+    fn = jax.jit(lambda p, b: loss(s.model, p, reorder(normalize_loss_mask(b)), None),
                  in_shardings=(s.state_sharding.params, s.batch_sharding),
                  out_shardings=replicated(s.mesh))
     with parallelize(s.mesh, s.activation_rules, s.cfg.context_parallel):
-        return fn.lower(param_abstract, {"inputs": tokens, "targets": tokens}).compile()
+        return fn.lower(param_abstract, abstract_batch(s, batch_size, batch_keys)).compile()

@@ -85,7 +85,13 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_continues_exactly(tmp_path):
     for line in proc.stdout:  # wait until training has started
         if line.startswith("Compiled"):
             break
-    time.sleep(1.0)
+    # ... and has logged a step, so the signal handler is in place. (A fixed 1 s after
+    # "Compiled" was too early on a loaded machine: the loop's setup outlasted it and the default
+    # SIGTERM action killed the process.)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     out = proc.stdout.read()
     assert proc.wait(timeout=120) == 0, out

@@ -125,3 +125,46 @@ def test_zigzag_layout_and_its_balanced_work():
         # contiguous: device i's t queries at positions i·t + j each see i·t + j + 1 keys
         t = 64 // c
         assert contiguous.tolist() == [t * i * t + t * (t + 1) // 2 for i in range(c)]
+
+
+def _segment_ids():
+    """Packed documents, [B, T]: row 0 cut at 5, 13 and 27 (documents that straddle the chunks
+    and the devices of every layout), row 1 at 16."""
+    seg = np.zeros((B, T), np.int32)
+    for b, cuts in enumerate(((5, 13, 27), (16,))):
+        for cut in cuts:
+            seg[b, cut:] += 1
+    return jnp.asarray(seg)
+
+
+def _context_fn_with_segments(kind: str, c: int, zigzag: bool, impl: str = "xla"):
+    mesh, cp = _mesh(c), ContextParallelConfig(kind=kind, load_balance=zigzag)
+    order = layout_order(T, c, zigzag)
+    inverse = np.argsort(order)
+    seq = NamedSharding(mesh, P(None, "context"))
+    seg = jax.lax.with_sharding_constraint(_segment_ids()[:, order], seq)
+
+    def fn(q, k, v):
+        q, k, v = (jax.lax.with_sharding_constraint(x[:, order], seq) for x in (q, k, v))
+        return context_attention(mesh, RULES, cp, q, k, v, impl=impl, causal=True, segment_ids=seg)[:, inverse]
+    return fn
+
+
+@pytest.mark.parametrize("kind,c,zigzag,impl", [
+    ("ring", 4, True, "xla"), ("ring", 8, False, "xla"), ("all-gather", 4, True, "xla"),
+    ("ulysses", 2, True, "xla"), ("ring", 2, True, "pallas"),
+    pytest.param("ulysses", 4, False, "pallas", marks=pytest.mark.slow),
+    pytest.param("all-gather", 8, False, "xla", marks=pytest.mark.slow),
+])
+def test_context_attention_keeps_packed_documents_apart(kind, c, zigzag, impl):
+    """Every kind masks by the segment ids as well: outputs and dq/dk/dv equal one device's
+    attention with the same segment ids (and differ from attention across documents)."""
+    q, k, v = _qkv("gqa")
+    seg = _segment_ids()
+    out, grads = _value_and_grads(_context_fn_with_segments(kind, c, zigzag, impl), q, k, v)
+    ref_out, ref_grads = _value_and_grads(
+        lambda q, k, v: xla_attention(q, k, v, causal=True, segment_ids=seg), q, k, v)
+    np.testing.assert_allclose(out, ref_out, atol=2e-6, rtol=0)
+    for g, r, name in zip(grads, ref_grads, "qkv"):
+        np.testing.assert_allclose(g, r, atol=2e-6, rtol=0, err_msg=f"d{name}")
+    assert float(jnp.abs(ref_out - xla_attention(q, k, v, causal=True)).max()) > 1e-2

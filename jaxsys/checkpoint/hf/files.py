@@ -137,10 +137,10 @@ def write_safetensors(out_dir: Path, tensors: Sequence[tuple[str, tuple[int, ...
     return paths
 
 
-def copy_tokenizer(src: Path, dest: Path) -> list[str]:
-    """Copy the tokenizer files of a Hugging Face folder `src` that exist into `dest`
-    (created when there is one); returns their names."""
-    found = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+def copy_tokenizer(src: Path, dest: Path, skip: Sequence[str] = ()) -> list[str]:
+    """Copy the tokenizer files of a Hugging Face folder `src` that exist, but those named in
+    `skip`, into `dest` (created when there is one); returns their names."""
+    found = [n for n in TOKENIZER_FILES if (src / n).is_file() and n not in skip]
     if found:
         dest.mkdir(parents=True, exist_ok=True)
         for name in found:

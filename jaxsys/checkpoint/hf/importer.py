@@ -11,7 +11,8 @@ so host memory peaks near the model's size plus its largest stacked leaf.
 `train` read unchanged:
 
     config.json              the jaxsys config (model from the source, the other sections default)
-    tokenizer.json           {"kind": "ids"} until jaxsys reads Hugging Face tokenizers: prompts are ids
+    tokenizer.json           {"kind": "hf", ...}: the source's tokenizer (`jaxsys.data.tokenizers`), or
+                             {"kind": "ids"} when it has no tokenizer.json (prompts are then ids)
     tokenizer/               the source's tokenizer files, as they are (what `hf export` copies back)
     hf/                      the source's config.json and generation_config.json (special token ids)
     checkpoints/0/           a params-only Orbax checkpoint ({"params": ...}, with its manifest):
@@ -22,7 +23,6 @@ so host memory peaks near the model's size plus its largest stacked leaf.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -39,10 +39,12 @@ import jaxsys.checkpoint.hf.config_map as config_map
 import jaxsys.checkpoint.hf.names as names
 from jaxsys.checkpoint.hf.files import Source, concurrent_gb, copy_tokenizer
 from jaxsys.config import Config, ConfigError, MeshConfig
+from jaxsys.data.tokenizers import HF_DIR as TOKENIZER_DIR
+from jaxsys.data.tokenizers import HF_FILES, HFTokenizer, IdTokenizer, save_tokenizer
 from jaxsys.model.transformer import abstract_params
 from jaxsys.parallel import rules
 
-TOKENIZER_DIR, HF_DIR = "tokenizer", "hf"
+HF_DIR = "hf"  # the source's config.json and generation_config.json
 
 
 def _leaf_path(entry: names.Entry, leaf: tuple[str, ...], layer: int, scan: bool) -> tuple[str, ...]:
@@ -151,17 +153,26 @@ def import_to_run_dir(src: str | Path, out: str | Path, **kw: Any) -> Config:
     out.mkdir(parents=True, exist_ok=True)
     ckpt.save_params(out, 0, params, concurrent_gb(params))
     del params
-    save_tokenizer_files(Path(src), out)
+    _save_tokenizer(Path(src), out, cfg.model.vocab_size)
     (out / HF_DIR).mkdir(exist_ok=True)
     for name in ("config.json", "generation_config.json"):
         if (Path(src) / name).is_file():
             shutil.copyfile(Path(src) / name, out / HF_DIR / name)
     run_files.write_atomic(out / run_files.CONFIG, config_lib.to_json(cfg))
-    run_files.write_atomic(out / run_files.TOKENIZER, json.dumps({"kind": "ids"}))
     return cfg
 
 
-def save_tokenizer_files(src: Path, run_dir: Path) -> list[str]:
-    """Copy the Hugging Face tokenizer files of `src` into `<run_dir>/tokenizer/` (stands in for
-    the tokenizer package's own saver until jaxsys reads Hugging Face tokenizers)."""
-    return copy_tokenizer(src, run_dir / TOKENIZER_DIR)
+def _save_tokenizer(src: Path, run_dir: Path, vocab_size: int) -> None:
+    """The source's tokenizer as the run's (`jaxsys.data.tokenizers.save_tokenizer`: tokenizer.json
+    {"kind": "hf", ...} + tokenizer/), so `jaxsys sample` reads and writes text and `data prepare
+    --tokenizer RUN_DIR` matches it. Without a tokenizer.json of Hugging Face's (e.g. only a slow
+    tokenizer's vocab.json + merges.txt), text is token ids ({"kind": "ids"}). Every tokenizer file
+    is kept in tokenizer/ for `hf export`."""
+    tok: Any = IdTokenizer()
+    if (src / "tokenizer.json").is_file():
+        tok = HFTokenizer.from_dir(src)
+        if tok.vocab_size > vocab_size:
+            raise ConfigError(f"{src / 'tokenizer.json'} has {tok.vocab_size} tokens but config.json's vocab_size "
+                              f"is {vocab_size}; is it this model's tokenizer?")
+    save_tokenizer(tok, run_dir)
+    copy_tokenizer(src, run_dir / TOKENIZER_DIR, skip=HF_FILES if isinstance(tok, HFTokenizer) else ())

@@ -58,8 +58,7 @@ class _Stage:
     """What every op of one stage needs that is fixed at trace time."""
 
     model: Transformer
-    block: Callable[[Any, jax.Array, jax.Array], jax.Array]  # one layer, with the model's remat
-    positions_bT: jax.Array
+    block: Callable[..., jax.Array]  # one layer, with the model's remat
     act: jax.ShapeDtypeStruct  # one microbatch's activation [b, T, D]
     microbatches: int  # M: the loss is the mean over them
 
@@ -71,70 +70,80 @@ def _zeros(tree: Any) -> Any:
     return jax.tree_util.tree_map(jnp.zeros_like, tree)
 
 
-def _embed(st: _Stage, sp: Any, tok_bT: jax.Array) -> jax.Array:
-    return st.model.apply({"params": sp}, tok_bT, positions_BT=st.positions_bT, method="embed")
+# A microbatch as the ops see it: this device's [b, T] "inputs", "targets", "positions", and
+# for packed documents "segment_ids" and "loss_weights" (`jaxsys.model.loss.Batch`).
+Micro = dict[str, jax.Array]
 
 
-def _loss(st: _Stage, sp: Any, y_bTD: jax.Array, tgt_bT: jax.Array) -> jax.Array:
-    return mean_cross_entropy(st.model.apply({"params": sp}, y_bTD, method="head"), tgt_bT)
+def _embed(st: _Stage, sp: Any, mb: Micro) -> jax.Array:
+    return st.model.apply({"params": sp}, mb["inputs"], positions_BT=mb["positions"], method="embed")
 
 
-def _forward_layers(st: _Stage, lp: Any, x_bTD: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _loss(st: _Stage, sp: Any, y_bTD: jax.Array, mb: Micro) -> jax.Array:
+    logits_bTV = st.model.apply({"params": sp}, y_bTD, method="head")
+    return mean_cross_entropy(logits_bTV, mb["targets"], mb.get("loss_weights"))
+
+
+def _layer(st: _Stage, layer: Any, x_bTD: jax.Array, mb: Micro) -> jax.Array:
+    return st.block(layer, x_bTD, mb["positions"], mb.get("segment_ids"))
+
+
+def _forward_layers(st: _Stage, lp: Any, x_bTD: jax.Array, mb: Micro) -> tuple[jax.Array, jax.Array]:
     """The chunk's Lc layers: (output [b, T, D], each layer's input [Lc, b, T, D])."""
-    return jax.lax.scan(lambda x, layer: (st.block(layer, x, st.positions_bT), x), x_bTD, lp)
+    return jax.lax.scan(lambda x, layer: (_layer(st, layer, x, mb), x), x_bTD, lp)
 
 
-def _backward_layers(st: _Stage, lp: Any, inputs_LbTD: jax.Array, g_bTD: jax.Array,
+def _backward_layers(st: _Stage, lp: Any, inputs_LbTD: jax.Array, g_bTD: jax.Array, mb: Micro,
                      weights: bool) -> tuple[jax.Array, Any]:
     """Cotangent at the chunk's output -> cotangent at its input (and the layer gradients,
     stacked like `lp`, when `weights`), recomputing one layer at a time from its stashed input."""
     def step(g, xs):
         layer, x = xs
         if weights:
-            dlayer, dx = jax.vjp(lambda l_, x_: st.block(l_, x_, st.positions_bT), layer, x)[1](g)
+            dlayer, dx = jax.vjp(lambda l_, x_: _layer(st, l_, x_, mb), layer, x)[1](g)
             return dx, dlayer
-        return jax.vjp(lambda x_: st.block(layer, x_, st.positions_bT), x)[1](g)[0], None
+        return jax.vjp(lambda x_: _layer(st, layer, x_, mb), x)[1](g)[0], None
     return jax.lax.scan(step, g_bTD, (lp, inputs_LbTD), reverse=True)
 
 
-def _top_cotangent(st: _Stage, lp: Any, sp: Any, inputs_LbTD: jax.Array, tgt_bT: jax.Array) -> tuple[jax.Array, Any]:
+def _top_cotangent(st: _Stage, lp: Any, sp: Any, inputs_LbTD: jax.Array, mb: Micro) -> tuple[jax.Array, Any]:
     """The last virtual stage: d(loss / M) at its output (its last layer recomputed), and the
     final norm's and head's gradients."""
-    y_bTD = st.block(jax.tree_util.tree_map(lambda a: a[-1], lp), inputs_LbTD[-1], st.positions_bT)
-    _, vjp = jax.vjp(lambda y, sp_: _loss(st, sp_, y, tgt_bT), y_bTD, sp)
+    y_bTD = _layer(st, jax.tree_util.tree_map(lambda a: a[-1], lp), inputs_LbTD[-1], mb)
+    _, vjp = jax.vjp(lambda y, sp_: _loss(st, sp_, y, mb), y_bTD, sp)
     return vjp(jnp.asarray(1.0 / st.microbatches, jnp.float32))  # the loss is the mean over microbatches
 
 
-# Each op: (stage, role, lp, sp, stash entry [Lc, b, T, D], cotangent in, tokens, targets) ->
+# Each op: (stage, role, lp, sp, stash entry [Lc, b, T, D], cotangent in, microbatch) ->
 # (activation out, cotangent out, stash entry out, layer grads, shared grads, loss).
 
 
-def _idle(st, role, lp, sp, entry, g, tok, tgt):
+def _idle(st, role, lp, sp, entry, g, mb):
     return st.zero_x(), st.zero_x(), entry, _zeros(lp), _zeros(sp), jnp.zeros((), jnp.float32)
 
 
-def _forward(st, role, lp, sp, entry, g, tok, tgt):
-    x = _embed(st, sp, tok) if role == _FIRST else entry[0]
-    y, inputs = _forward_layers(st, lp, x)  # the stash keeps every layer's input
+def _forward(st, role, lp, sp, entry, g, mb):
+    x = _embed(st, sp, mb) if role == _FIRST else entry[0]
+    y, inputs = _forward_layers(st, lp, x, mb)  # the stash keeps every layer's input
     if role == _LAST:
-        loss = _loss(st, sp, y, tgt).astype(jnp.float32)
+        loss = _loss(st, sp, y, mb).astype(jnp.float32)
         return st.zero_x(), st.zero_x(), inputs, _zeros(lp), _zeros(sp), loss
     return y, st.zero_x(), inputs, _zeros(lp), _zeros(sp), jnp.zeros((), jnp.float32)
 
 
-def _backward(st, role, lp, sp, entry, g, tok, tgt):
+def _backward(st, role, lp, sp, entry, g, mb):
     if role == _FIRST:  # tokens have no cotangent: all of its work is in W
-        return _idle(st, role, lp, sp, entry, g, tok, tgt)
-    g_top = _top_cotangent(st, lp, sp, entry, tgt)[0] if role == _LAST else g
-    dx, _ = _backward_layers(st, lp, entry, g_top, weights=False)
+        return _idle(st, role, lp, sp, entry, g, mb)
+    g_top = _top_cotangent(st, lp, sp, entry, mb)[0] if role == _LAST else g
+    dx, _ = _backward_layers(st, lp, entry, g_top, mb, weights=False)
     return st.zero_x(), dx, entry, _zeros(lp), _zeros(sp), jnp.zeros((), jnp.float32)
 
 
-def _weights(st, role, lp, sp, entry, g, tok, tgt):
-    g_top, dsp = _top_cotangent(st, lp, sp, entry, tgt) if role == _LAST else (g, _zeros(sp))
-    dx, dlp = _backward_layers(st, lp, entry, g_top, weights=True)
+def _weights(st, role, lp, sp, entry, g, mb):
+    g_top, dsp = _top_cotangent(st, lp, sp, entry, mb) if role == _LAST else (g, _zeros(sp))
+    dx, dlp = _backward_layers(st, lp, entry, g_top, mb, weights=True)
     if role == _FIRST:  # the embedding's gradient, from the cotangent at layer 0
-        dsp = jax.vjp(lambda sp_: _embed(st, sp_, tok), sp)[1](dx)[0]
+        dsp = jax.vjp(lambda sp_: _embed(st, sp_, mb), sp)[1](dx)[0]
     return st.zero_x(), st.zero_x(), entry, dlp, dsp, jnp.zeros((), jnp.float32)
 
 
@@ -146,8 +155,8 @@ def _branches(st: _Stage) -> list[Callable]:
                                   for r in (_MID, _FIRST, _LAST)]
 
 
-def _run_stage(st: _Stage, prog: Program, layers: Any, shared: Any, tokens_MbT: jax.Array,
-               targets_MbT: jax.Array) -> tuple[jax.Array, Any, Any, jax.Array]:
+def _run_stage(st: _Stage, prog: Program, layers: Any, shared: Any,
+               micro_M: Micro) -> tuple[jax.Array, Any, Any, jax.Array]:
     """One stage's whole schedule (inside the shard_map): (loss sum, layer grads [v, Lc, ...],
     shared grads, executed ops [N]), all in float32 and unreduced over devices."""
     p, v = prog.schedule.stages, prog.schedule.chunks
@@ -168,7 +177,7 @@ def _run_stage(st: _Stage, prog: Program, layers: Any, shared: Any, tokens_MbT: 
         branch = jnp.where(op == IDLE, 0, 1 + 3 * (op - FWD) + role)
         lp = jax.tree_util.tree_map(lambda a: a[c], layers)
         x_out, g_out, entry, dlp, dsp, dloss = jax.lax.switch(
-            branch, branches, lp, shared, xbuf[xs], gbuf[gs], tokens_MbT[mb], targets_MbT[mb])
+            branch, branches, lp, shared, xbuf[xs], gbuf[gs], {k: a[mb] for k, a in micro_M.items()})
         xbuf = jax.lax.dynamic_update_index_in_dim(xbuf, entry, xs, 0)  # F wrote its layers' inputs
         dlayers = jax.tree_util.tree_map(lambda a, d: a.at[c].add(d.astype(jnp.float32)), dlayers, dlp)
         dshared = jax.tree_util.tree_map(lambda a, d: a + d.astype(jnp.float32), dshared, dsp)
@@ -198,8 +207,8 @@ def pipeline_grads(cfg: Config, mesh: Mesh, prog: Program, params: Any,
                    batch: dict[str, jax.Array]) -> tuple[jax.Array, Any, jax.Array]:
     """Mean loss over the batch, gradients (same tree as `params`) and the executed ops.
 
-    `batch` holds int32 [B, T] `inputs` and `targets`; B is split into the schedule's M
-    microbatches. Returns (loss, grads, ops_NP) where ops_NP[t, s] is the op code
+    `batch` holds int32 [B, T] `inputs` and `targets` (and the other [B, T] keys of
+    `jaxsys.model.loss.Batch`); B is split into the schedule's M microbatches. Returns (loss, grads, ops_NP) where ops_NP[t, s] is the op code
     (IDLE/FWD/BWD/WGT) that stage s executed at tick t. Call inside `jax.jit`; the layout was
     checked by `jaxsys.parallel.layout.check_layout`."""
     mc = cfg.model.resolved()
@@ -210,21 +219,20 @@ def pipeline_grads(cfg: Config, mesh: Mesh, prog: Program, params: Any,
         raise ConfigError(f"The schedule has {p} stages but mesh.pipe={sizes['pipe']}.")
     layers = jax.tree_util.tree_map(lambda a: _layers_to_stages(a, p, v), params["layers"])
     shared = {k: x for k, x in params.items() if k != "layers"}
-    tokens_MbT = split_microbatches(batch["inputs"], m)
-    targets_MbT = split_microbatches(batch["targets"], m)
+    B, T = batch["inputs"].shape
+    batch = dict(batch)
+    batch.setdefault("positions", jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
+    micro_M = {k: split_microbatches(x, m) for k, x in batch.items()}  # each [M, B/M, T]
     c = sizes["context"]
     ways = sizes["data"] * sizes["fsdp"] * c  # devices that each hold a share of the tokens
-    b, t = tokens_MbT.shape[1] // (ways // c), tokens_MbT.shape[2] // c  # per device per microbatch
-    # Every row and microbatch has the same positions (a context layout reorders them alike).
-    positions_T = batch["positions"][0] if "positions" in batch else jnp.arange(tokens_MbT.shape[2])
+    b, t = B // m // (ways // c), T // c  # per device per microbatch
     batch_axes = (*DATA_AXES, "context")
 
-    def local(layers, shared, tokens_MbT, targets_MbT, positions_T):
+    def local(layers, shared, micro_M):
         st = _Stage(model=Transformer(mc), block=block_fn(mc),
-                    positions_bT=jnp.broadcast_to(positions_T, (b, t)),
                     act=jax.ShapeDtypeStruct((b, t, mc.embed_dim), jnp.dtype(mc.compute_dtype)),
                     microbatches=m)
-        loss, dlayers, dshared, ops_N = _run_stage(st, prog, layers, shared, tokens_MbT, targets_MbT)
+        loss, dlayers, dshared, ops_N = _run_stage(st, prog, layers, shared, micro_M)
         # Each data replica (and context share) holds the gradients of its own tokens' mean
         # loss: average them.
         dlayers = jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), dlayers)
@@ -243,10 +251,9 @@ def pipeline_grads(cfg: Config, mesh: Mesh, prog: Program, params: Any,
     stage_hooks = hooks.Hooks(attention=hooks.current().attention) if c > 1 else hooks.Hooks()
     with hooks.installed(stage_hooks):
         run = jax.shard_map(local, mesh=mesh, axis_names={"pipe", *batch_axes}, check_vma=False,
-                            in_specs=(P("pipe"), P(), P(None, DATA_AXES, "context"),
-                                      P(None, DATA_AXES, "context"), P("context")),
+                            in_specs=(P("pipe"), P(), {k: P(None, DATA_AXES, "context") for k in micro_M}),
                             out_specs=(P(), P("pipe"), P(), P(None, "pipe")))
-        loss, dlayers, dshared, ops_NP = run(layers, shared, tokens_MbT, targets_MbT, positions_T)
+        loss, dlayers, dshared, ops_NP = run(layers, shared, micro_M)
     grads = dict(dshared)
     grads["layers"] = jax.tree_util.tree_map(lambda a: _stages_to_layers(a, p, v), dlayers)
     grads = jax.tree_util.tree_map(lambda g, x: g.astype(x.dtype), grads, dict(params))
