@@ -176,7 +176,8 @@ def _engine(args: argparse.Namespace, requests: list[Any]) -> tuple[Any, Any, An
     if draft_cfg is not None:
         check_speculative(target, build(draft_cfg, args.draft_run_dir), token_requests, args.gamma)
     if isinstance(tokenizer, IdTokenizer):
-        _stderr("jaxsys: this run has no tokenizer (its .bin had none beside it): prompts and completions are token ids.")
+        _stderr("jaxsys: this run has no tokenizer (a .bin corpus without one beside it, or an import from a folder "
+                "without tokenizer.json): prompts and completions are token ids.")
     target = build(cfg, args.run_dir, load_params(args.run_dir, cfg)[1])
     draft = None
     if draft_cfg is not None:
