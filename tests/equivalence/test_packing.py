@@ -55,12 +55,13 @@ def _reference(*model):
 LAYOUTS = [
     ((), ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")),
     pytest.param((), ("mesh.tensor=4", "mesh.data=2", "mesh.sequence_parallel=true"), marks=pytest.mark.slow),
-    ((), ("mesh.data=2", "mesh.tensor=4", "model.attention=pallas")),  # the kernel under shard_map
+    pytest.param((), ("mesh.data=2", "mesh.tensor=4", "model.attention=pallas"),  # the kernel under shard_map
+                 marks=pytest.mark.slow),
     (LLAMA, ("mesh.fsdp=4", "mesh.data=2", "train.grad_accum=2")),  # weights across microbatches
     (LLAMA, ("mesh.context=4", "mesh.data=2", "context_parallel.kind=ring")),
     pytest.param((), ("mesh.context=2", "mesh.tensor=4", "context_parallel.kind=all-gather"),
                  marks=pytest.mark.slow),
-    (LLAMA, ("mesh.context=2", "mesh.fsdp=4", "context_parallel.kind=ulysses")),
+    pytest.param(LLAMA, ("mesh.context=2", "mesh.fsdp=4", "context_parallel.kind=ulysses"), marks=pytest.mark.slow),
     pytest.param(LLAMA, ("mesh.context=4", "mesh.tensor=2", "context_parallel.kind=ring",
                          "model.attention=pallas"), marks=pytest.mark.slow),
     pytest.param((), ("mesh.context=8", "context_parallel.kind=ring", "context_parallel.load_balance=false"),

@@ -84,7 +84,7 @@ def _model(family: str, *extra: str):
 
 @pytest.mark.parametrize("family,extra", [
     ("gpt2", ()), pytest.param("llama", (), marks=pytest.mark.slow), ("llama", ("model.scan_layers=false",)),
-    ("gpt2", ("model.attention=pallas",)),
+    pytest.param("gpt2", ("model.attention=pallas",), marks=pytest.mark.slow),
 ])
 def test_each_document_loss_equals_the_document_alone(family, extra):
     cfg = _model(family, *extra)
