@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxsys.config import Config, ConfigError, DataConfig
 from jaxsys.data.dataset import META, is_prepared, load_prepared
+from jaxsys.data.documents import file_problem
 from jaxsys.data.packing import Mixture, Stream
 from jaxsys.data.tokenizers import ByteTokenizer, CharTokenizer, IdTokenizer, Tokenizer, tokenizer_from_json
 
@@ -39,20 +40,17 @@ def _source_file(cfg: DataConfig, what: str) -> Path:
     """`data.source` as a readable, non-empty file, or a `ConfigError` saying what it is instead."""
     path = Path(cfg.source)
     where = f"data.source={cfg.source!r}"
-    if not path.exists():
+    problem = file_problem(path)
+    if problem == "missing":
         raise ConfigError(f"{where}: file not found; use 'shakespeare', a UTF-8 text file, or a .bin "
                           "file of uint16 token ids.")
-    if path.is_dir():
+    if problem == "directory":
         raise ConfigError(f"{where} is a directory without {META}; give {what} file inside it, or a "
                           "dataset directory written by `jaxsys data prepare`.")
-    try:
-        size = path.stat().st_size
-        with open(path, "rb"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"{where} cannot be read ({e.strerror}).") from None
-    if size == 0:
+    if problem == "empty":
         raise ConfigError(f"{where} is empty (0 bytes); give {what} file with data in it.")
+    if problem is not None:
+        raise ConfigError(f"{where} cannot be read ({problem}).")
     return path
 
 

@@ -42,20 +42,33 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return out
 
 
-def check_file(path: Path) -> None:
-    """A readable, non-empty regular file, or a `ConfigError` saying what it is instead."""
+def file_problem(path: Path) -> str | None:
+    """What keeps `path` from being a readable, non-empty regular file: "missing", "directory",
+    "empty", the OS's reason it cannot be read, or None. Callers word the fix."""
     if not path.exists():
-        raise ConfigError(f"{path}: file not found; check the path.")
+        return "missing"
     if path.is_dir():
-        raise ConfigError(f"{path} is a directory; give the files inside it, e.g. '{path}/*.txt'.")
+        return "directory"
     try:
         size = path.stat().st_size
         with open(path, "rb"):
             pass
     except OSError as e:
-        raise ConfigError(f"{path} cannot be read ({e.strerror}); fix its permissions.") from None
-    if size == 0:
+        return e.strerror or str(e)
+    return "empty" if size == 0 else None
+
+
+def check_file(path: Path) -> None:
+    """A readable, non-empty regular file, or a `ConfigError` saying what it is instead."""
+    problem = file_problem(path)
+    if problem == "missing":
+        raise ConfigError(f"{path}: file not found; check the path.")
+    if problem == "directory":
+        raise ConfigError(f"{path} is a directory; give the files inside it, e.g. '{path}/*.txt'.")
+    if problem == "empty":
         raise ConfigError(f"{path} is empty (0 bytes); remove it from the inputs.")
+    if problem is not None:
+        raise ConfigError(f"{path} cannot be read ({problem}); fix its permissions.")
 
 
 def read_text(path: Path) -> str:
