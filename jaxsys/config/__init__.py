@@ -15,11 +15,11 @@ from jaxsys.config.checks import validate
 from jaxsys.config.overrides import (all_keys, apply_overrides, from_dict, from_file, suggest, to_dict,
                                      to_json)
 from jaxsys.config.schema import (CheckpointConfig, Config, ConfigError, DataConfig, FaultsConfig,
-                                  LoggingConfig, LRScheduleConfig, MeshConfig, ModelConfig,
+                                  LoggingConfig, LRScheduleConfig, MeshConfig, ModelConfig, MoEConfig,
                                   OptimizerConfig, PipelineConfig, TrainConfig,
                                   ContextParallelConfig)
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "FaultsConfig", "LoggingConfig",
-           "LRScheduleConfig", "MeshConfig", "ModelConfig", "OptimizerConfig", "PipelineConfig", "ContextParallelConfig",
+           "LRScheduleConfig", "MeshConfig", "ModelConfig", "MoEConfig", "OptimizerConfig", "PipelineConfig", "ContextParallelConfig",
            "TrainConfig", "all_keys", "apply_overrides", "from_dict", "from_file", "suggest", "to_dict",
            "to_json", "validate"]

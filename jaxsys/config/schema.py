@@ -19,6 +19,38 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """Mixture of experts (`model.moe.*`, `jaxsys.model.moe`): routed experts replace the dense MLP in chosen
+    layers; `num_experts` = 0 keeps every layer dense.
+
+    Layer i is an MoE layer when i >= `first_dense_layers` and (i - first_dense_layers) %
+    `every` == 0. Each token goes to `top_k` of `num_experts` experts (SwiGLU for llama, GELU for
+    gpt2, hidden size `expert_dim`, 0 = model.mlp_dim) and always through `num_shared_experts`.
+    Routers: "softmax" (top-k of the softmax, weights renormalised; Mixtral) or "sigmoid"
+    (sigmoid scores, the top-k normalised to sum 1, times `routed_scale`; DeepSeek-V3).
+    Dispatch: "dropless" (tokens sorted by expert, grouped matmul) or "capacity" (each expert
+    takes at most ceil(capacity_factor · T · top_k / num_experts) tokens of each sequence; the
+    rest pass through the residual). Balancing: the Switch/GShard auxiliary loss
+    (`aux_loss_coef`), the router z-loss (`z_loss_coef`), and the auxiliary-loss-free bias
+    (`bias_update_rate` > 0: a per-expert bias added to the scores for selection only, moved by
+    that rate against the observed load after every step, outside the optimizer)."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    expert_dim: int = 0
+    num_shared_experts: int = 0
+    first_dense_layers: int = 0
+    every: int = 1
+    router: Literal["softmax", "sigmoid"] = "softmax"
+    routed_scale: float = 1.0
+    dispatch: Literal["dropless", "capacity"] = "dropless"
+    capacity_factor: float = 1.25
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only transformer shape and numerics.
 
@@ -55,10 +87,21 @@ class ModelConfig:
     head: Literal["auto", "tied", "untied"] = "auto"
     qkv_bias: bool = False  # llama only: biases on the query/key/value projections (Qwen2)
     attention: Literal["xla", "cudnn", "pallas"] = "xla"
+    # "mha": multi-head / grouped-query attention. "mla": DeepSeek-V2/V3 multi-head latent
+    # attention — K and V (and Q when q_lora_rank > 0) through a low-rank compressed latent, each
+    # head's query/key split into a no-RoPE part (qk_nope_dim) and a decoupled RoPE part
+    # (qk_rope_dim, its key shared by all heads); values of v_head_dim. 0 = head_dim.
+    attention_kind: Literal["mha", "mla"] = "mha"
+    q_lora_rank: int = 0  # 0 = queries projected directly from the residual
+    kv_lora_rank: int = 0
+    qk_nope_dim: int = 0
+    qk_rope_dim: int = 0
+    v_head_dim: int = 0
     scan_layers: bool = True
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    moe: MoEConfig = field(default_factory=MoEConfig)  # model.moe.*: dense unless num_experts > 0
 
     @property
     def tied_head(self) -> bool:
@@ -91,6 +134,10 @@ class MeshConfig:
     # Context parallelism: every activation's sequence split over `context`
     # (jaxsys.parallel.context; how attention sees the whole sequence: `context_parallel`).
     context: int = 1
+    # Expert parallelism: the MoE experts (and their optimizer state) split over `expert`, tokens
+    # sent to their experts' devices by all-to-all (jaxsys.parallel.expert); the batch is split
+    # over `expert` as over `data`.
+    expert: int = 1
     # What the `fsdp` axis (the ZeRO axis) shards: 0 nothing (plain data parallel), 1 the AdamW
     # moments, 2 + gradients, 3 + parameters (FSDP). `data` always replicates.
     zero_stage: int = 3

@@ -95,20 +95,17 @@ def test_random_overrides_give_a_config_or_a_config_error(overrides):
         assert to_json(from_dict(json.loads(to_json(cfg)))) == to_json(cfg)
 
 
-def _configs(cls: type = Config) -> st.SearchStrategy:
-    """Configs of valid-typed fields, each either kept from the tiny preset or drawn at random."""
-    base = tiny()
+def _configs(cls: type = Config, base: object = None) -> st.SearchStrategy:
+    """Configs of valid-typed fields, each either kept from the tiny preset (`base`, the section
+    of it being drawn) or drawn at random; nested sections (model.moe) recurse."""
+    base = tiny() if base is None else base
     fields = {}
     for f in dataclasses.fields(cls):
         hint = typing.get_type_hints(cls)[f.name]
-        default = getattr(base if cls is Config else getattr(base, _SECTION[cls]), f.name)
-        fields[f.name] = (_configs(hint) if dataclasses.is_dataclass(hint)
+        default = getattr(base, f.name)
+        fields[f.name] = (_configs(hint, default) if dataclasses.is_dataclass(hint)
                           else st.one_of(st.just(default), _field_values(hint)))
     return st.builds(cls, **fields)
-
-
-_SECTION = {typing.get_type_hints(Config)[f.name]: f.name for f in dataclasses.fields(Config)
-            if dataclasses.is_dataclass(typing.get_type_hints(Config)[f.name])}
 
 
 @SETTINGS
