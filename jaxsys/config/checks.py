@@ -58,7 +58,7 @@ def _validate_ranges(cfg: Config) -> None:
     if unknown:
         raise ConfigError(f"checkpoint.allow_changes: unknown config key '{unknown[0]}'."
                           f"{suggest(unknown[0], all_keys())}")
-    for axis in ("data", "fsdp", "context", "tensor", "pipe"):
+    for axis in ("data", "fsdp", "expert", "context", "tensor", "pipe"):
         size = getattr(cfg.mesh, axis)
         if size == 0 or size < -1:
             raise ConfigError(f"mesh.{axis}={size} is invalid; axis sizes are ≥ 1 (or -1 for 'the rest').")

@@ -35,7 +35,7 @@ from jaxsys.model.flops import flops_per_token
 from jaxsys.model.params import count_params
 from jaxsys.parallel import context as context_lib
 from jaxsys.parallel import rules
-from jaxsys.parallel.mesh import MESH_AXES, layout_name as mesh_layout_name, make_mesh
+from jaxsys.parallel.mesh import MESH_AXES, batch_ways, layout_name as mesh_layout_name, make_mesh
 from jaxsys.tools import hlo_stats, roofline
 from jaxsys.train import state as state_lib
 from jaxsys.train import step as step_lib
@@ -70,7 +70,7 @@ def closed_form_activations(cfg: Config, sizes: dict[str, int]) -> float:
     recomputes each block from q, k, v and the log-sum-exp (flash-attention style)."""
     m = cfg.model.resolved()
     t, c = sizes["tensor"], sizes.get("context", 1)
-    b = cfg.train.batch_size // cfg.train.grad_accum // (sizes["data"] * sizes["fsdp"])
+    b = cfg.train.batch_size // cfg.train.grad_accum // batch_ways(sizes)
     T, D = m.seq_len, m.embed_dim
     s = T // c
     scores = {"all-gather": s * T, "ulysses": T * T / c, "ring": 0.0}[cfg.context_parallel.kind] if c > 1 else s * s
@@ -99,7 +99,7 @@ def closed_form_comm(cfg: Config, sizes: dict[str, int], tp_param_bytes: float) 
     t, z, d, c = sizes["tensor"], sizes["fsdp"], sizes["data"], sizes.get("context", 1)
     out = {k: 0.0 for k in hlo_stats.KINDS}
     if t > 1:
-        b = cfg.train.batch_size // M // (d * z)
+        b = cfg.train.batch_size // M // batch_ways(sizes)
         act = b * m.seq_len // c * m.embed_dim * np.dtype(m.compute_dtype).itemsize
         n = 4 * m.num_layers + 2 + (2 * m.num_layers if m.remat == "full" else 0)
         if cfg.mesh.sequence_parallel:
@@ -137,7 +137,7 @@ def closed_form_context(cfg: Config, sizes: dict[str, int]) -> dict[str, float]:
         return out
     m, M = cfg.model.resolved(), cfg.train.grad_accum
     t = sizes["tensor"]
-    b = cfg.train.batch_size // M // (sizes["data"] * sizes["fsdp"])
+    b = cfg.train.batch_size // M // batch_ways(sizes)
     elems = b * (m.seq_len // c) * (m.num_kv_heads // t) * m.head_dim
     kv, kv32 = elems * np.dtype(m.compute_dtype).itemsize, elems * 4
     again = 1 if m.remat == "full" else 0  # the forward's collectives once more in the backward
@@ -213,7 +213,7 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
     grads_b = _shard_bytes(abstract.params, s.grad_sharding)
     ma = compiled.memory_analysis()
     n_dev = s.mesh.devices.size
-    batch_b = 2 * cfg.train.batch_size * cfg.model.seq_len * 4 // (sizes["data"] * sizes["fsdp"])
+    batch_b = 2 * cfg.train.batch_size * cfg.model.seq_len * 4 // batch_ways(sizes)
     memory = {"params": params_b, "grads": grads_b, "optimizer": opt_b,
               "state_compiled": ma.argument_size_in_bytes - batch_b,
               "temp": ma.temp_size_in_bytes,

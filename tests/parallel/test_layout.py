@@ -34,7 +34,7 @@ def test_bad_meshes(mesh, devices, message):
 
 @pytest.mark.parametrize("overrides,message", [
     # 16 sequences over data × fsdp = 8 with 4 microbatches: 4 per microbatch < 8 ways.
-    (("mesh.data=8", "train.grad_accum=4"), "not divisible by data × fsdp = 8 × 1 = 8"),
+    (("mesh.data=8", "train.grad_accum=4"), "not divisible by data × fsdp × expert = 8 × 1 × 1 = 8"),
     # embed_dim 36 over fsdp=8: names the parameter, dimension and axis.
     (("mesh.data=1", "mesh.fsdp=8", "model.embed_dim=36", "model.num_heads=4"),
      r"dimension \d \('embed', size 36\) is not divisible by mesh axis fsdp=8"),
