@@ -136,3 +136,28 @@ def test_all_to_all_is_in_the_program():
                                                            capacity=3, dispatch="capacity"))
     hlo = fn.lower(xs, wts, ws).compile().as_text()
     assert hlo.count(" all-to-all(") + hlo.count(" all-to-all-start(") >= 2
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("model.moe.num_experts=6", "mesh.expert=4", "mesh.data=2"),
+     r"model.moe.num_experts=6 is not divisible by mesh.expert=4 .* use mesh.expert=3 or a multiple of 4"),
+    (("model.moe.num_experts=4", "model.moe.expert_dim=24", "mesh.tensor=16", "mesh.data=1"),
+     r"hidden size 24 .* not divisible by mesh.tensor=16; use an expert_dim that is a multiple of 16"),
+    (("model.moe.num_experts=4", "mesh.context=2", "mesh.data=4"),
+     r"MoE layers with mesh.context=2: .* set mesh.context=1"),
+])
+def test_refusals_before_compile(overrides, message):
+    from jaxsys.config import ConfigError, validate
+    from tests.helpers import tiny_cfg
+    with pytest.raises(ConfigError, match=message):
+        validate(tiny_cfg(*overrides))
+
+
+def test_a_batch_that_does_not_split_over_expert_is_refused():
+    from jaxsys.config import ConfigError
+    from tests.helpers import layout, tiny_cfg
+    with pytest.raises(ConfigError, match=r"not divisible by data × fsdp × expert = 1 × 1 × 8 = 8"):
+        layout(tiny_cfg("train.batch_size=12", "mesh.data=1", "mesh.expert=8"))
