@@ -275,6 +275,3 @@ def _validate_expert_parallel(cfg: Config) -> None:
     if t > 1 and F % t:
         raise ConfigError(f"The experts' hidden size {F} (model.moe.expert_dim, 0 = model.mlp_dim) is not "
                           f"divisible by mesh.tensor={t}; use an expert_dim that is a multiple of {t}.")
-    if mesh.context != 1:
-        raise ConfigError(f"MoE layers with mesh.context={mesh.context}: routing slots are per whole "
-                          "sequence, which context parallelism splits; set mesh.context=1.")

@@ -33,7 +33,7 @@ is all-gathered over fsdp before use, by the `use_weight` hook (GSPMD, or `jaxsy
 inside its manual region, which also hands each device its own experts). Inside that region the
 batch axes are already manual and `manual.shard_map` keeps only `tensor`.
 
-The function equals the plain `hooks.experts` (tests/parallel/test_expert.py and the layout
+The function equals the plain `hooks.experts` (`jaxsys.model.experts.experts_reference`) (tests/parallel/test_expert.py and the layout
 equivalence tests check it against one device); initialisation traces with a batch of one row,
 which does not split: there the plain version runs.
 """
@@ -47,30 +47,19 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from jaxsys.model import experts as experts_lib
+from jaxsys.model.axes import EXPERT_XDF, EXPERT_XFD
 from jaxsys.parallel.manual import manual_axes, shard_map
 from jaxsys.parallel.mesh import DATA_AXES
 from jaxsys.parallel.rules import Rules, logical_to_spec
 
-EXPERT_XDF = ("expert", "embed", "mlp")  # w_in / w_gate
-EXPERT_XFD = ("expert", "mlp", "embed")  # w_out
-
-
-def activation(act: str) -> Callable[..., jax.Array]:
-    """The hidden activation of an expert: `act(h_in, h_gate)` (gate None for the GELUs)."""
-    if act == "swiglu":
-        return lambda h, gate: jax.nn.silu(gate) * h
-    if act in ("gelu_tanh", "gelu_exact"):
-        return lambda h, gate: jax.nn.gelu(h, approximate=act == "gelu_tanh")
-    raise ValueError(f"unknown expert activation {act!r}")
 
 
 def expert_ffn(buf_GxUD: jax.Array, w: dict[str, jax.Array], act: str) -> jax.Array:
     """Each of the x local experts on its own buffers: [G, x, U, D] -> [G, x, U, D] (G any
-    leading batch of buffers; with F split over tensor the result is a partial sum)."""
-    dt = buf_GxUD.dtype
-    h = jnp.einsum("gxud,xdf->gxuf", buf_GxUD, w["w_in"].astype(dt))
-    gate = jnp.einsum("gxud,xdf->gxuf", buf_GxUD, w["w_gate"].astype(dt)) if "w_gate" in w else None
-    return jnp.einsum("gxuf,xfd->gxud", activation(act)(h, gate), w["w_out"].astype(dt))
+    leading batch of buffers; with F split over tensor the result is a partial sum). The
+    model's own expert MLP (`jaxsys.model.experts.ffn`), so both compute the same function."""
+    return experts_lib.ffn(buf_GxUD, w, act, lambda h, w_x: jnp.einsum("gxud,xdf->gxuf", h, w_x.astype(h.dtype)))
 
 
 def to_buffers(x_BTD: jax.Array, expert_BTI: jax.Array, slot_BTI: jax.Array, num_experts: int,
@@ -95,15 +84,6 @@ def from_buffers(out_BXUD: jax.Array, expert_BTI: jax.Array, slot_BTI: jax.Array
     return jnp.einsum("btid,bti->btd", y_BTID, weight_BTI.astype(y_BTID.dtype))
 
 
-def experts_by_buffers(x_BTD: jax.Array, expert_BTI: jax.Array, slot_BTI: jax.Array,
-                       weight_BTI: jax.Array, w: dict[str, jax.Array], *, act: str,
-                       capacity: int) -> jax.Array:
-    """The experts on one device through capacity buffers (no collectives): [B, T, D]."""
-    X = w["w_in"].shape[0]
-    buf_BXUD = to_buffers(x_BTD, expert_BTI, slot_BTI, X, capacity)
-    return from_buffers(expert_ffn(buf_BXUD, w, act), expert_BTI, slot_BTI, weight_BTI)
-
-
 def _batch_ways(mesh: Mesh) -> int:
     return math.prod(dict(mesh.shape)[a] for a in DATA_AXES)
 
@@ -120,10 +100,8 @@ def expert_parallel(mesh: Mesh, rules: Rules, x_BTD: jax.Array, expert_BTI: jax.
     `capacity` slots here (U = T in dropless mode)."""
     n = dict(mesh.shape)["expert"]
     if x_BTD.shape[0] % _batch_ways(mesh) and not manual_axes() & set(DATA_AXES):
-        if plain is not None:
-            return plain(x_BTD, expert_BTI, slot_BTI, weight_BTI, w, act=act, capacity=capacity,
-                         dispatch=dispatch)
-        return experts_by_buffers(x_BTD, expert_BTI, slot_BTI, weight_BTI, w, act=act, capacity=capacity)
+        plain = plain or experts_lib.experts_reference
+        return plain(x_BTD, expert_BTI, slot_BTI, weight_BTI, w, act=act, capacity=capacity, dispatch=dispatch)
     tensor_split = dict(mesh.shape)["tensor"] > 1
 
     def local(x_bTD, e_bTI, s_bTI, wt_bTI, w_local):
