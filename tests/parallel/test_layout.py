@@ -12,11 +12,11 @@ from tests.helpers import tiny_cfg
 
 
 def test_minus_one_takes_the_rest():
-    assert resolve_mesh_shape(MeshConfig(data=-1, fsdp=2), 8) == {"pipe": 1, "data": 4, "fsdp": 2,
+    assert resolve_mesh_shape(MeshConfig(data=-1, fsdp=2), 8) == {"pipe": 1, "data": 4, "fsdp": 2, "expert": 1,
                                                                  "context": 1, "tensor": 1}
     assert resolve_mesh_shape(MeshConfig(data=2, fsdp=-1), 8)["fsdp"] == 4
     mesh = make_mesh(MeshConfig(data=2, fsdp=4))
-    assert dict(mesh.shape) == {"pipe": 1, "data": 2, "fsdp": 4, "context": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"pipe": 1, "data": 2, "fsdp": 4, "expert": 1, "context": 1, "tensor": 1}
     assert resolve_mesh_shape(MeshConfig(data=2, context=-1), 8)["context"] == 4
     assert resolve_mesh_shape(MeshConfig(data=-1, pipe=2), 8)["data"] == 4  # jaxsys.parallel.pipeline
 
