@@ -58,7 +58,7 @@ def _validate_ranges(cfg: Config) -> None:
     if unknown:
         raise ConfigError(f"checkpoint.allow_changes: unknown config key '{unknown[0]}'."
                           f"{suggest(unknown[0], all_keys())}")
-    for axis in ("data", "fsdp", "context", "tensor", "pipe"):
+    for axis in ("data", "fsdp", "expert", "context", "tensor", "pipe"):
         size = getattr(cfg.mesh, axis)
         if size == 0 or size < -1:
             raise ConfigError(f"mesh.{axis}={size} is invalid; axis sizes are ≥ 1 (or -1 for 'the rest').")
@@ -84,6 +84,7 @@ def validate(cfg: Config) -> None:
     if m.family == "llama" and m.head_dim % 2:
         raise ConfigError(f"RoPE needs an even head size, got {m.head_dim}; change model.head_dim.")
     _validate_variants(m)
+    _validate_moe(cfg)
     t = cfg.train
     if t.batch_size % t.grad_accum:
         raise ConfigError(
@@ -112,6 +113,7 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}.")
     _validate_pipeline(cfg)
+    _validate_expert_parallel(cfg)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}.")
     _validate_data(cfg)
@@ -151,6 +153,52 @@ def _validate_variants(m) -> None:
     if not m.rope_high_freq_factor > m.rope_low_freq_factor:
         raise ConfigError(f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be > model.rope_low_freq_"
                           f"factor={m.rope_low_freq_factor} (llama3 blends between the two wavelengths).")
+
+
+def _validate_moe(cfg: Config) -> None:
+    """Mixture-of-experts settings (`model.moe.*`) that cannot work; nothing when num_experts = 0."""
+    e = cfg.model.moe
+    if not e.num_experts >= 0:
+        raise ConfigError(f"model.moe.num_experts must be ≥ 0 (0 = dense MLPs), got {e.num_experts}.")
+    if e.num_experts == 0:
+        return
+    L, T = cfg.model.num_layers, cfg.model.seq_len
+    for key, value, choices in (("router", e.router, ("softmax", "sigmoid")),
+                                ("dispatch", e.dispatch, ("dropless", "capacity"))):
+        if value not in choices:
+            raise ConfigError(f"model.moe.{key}={value!r} is not one of {list(choices)}.")
+    if e.top_k < 1:
+        raise ConfigError(f"model.moe.top_k must be ≥ 1 (experts per token), got {e.top_k}.")
+    if e.top_k > e.num_experts:
+        raise ConfigError(f"model.moe.top_k={e.top_k} > model.moe.num_experts={e.num_experts}; a token "
+                          f"picks distinct experts: use top_k ≤ {e.num_experts} or more experts.")
+    for key, value in (("expert_dim", e.expert_dim), ("num_shared_experts", e.num_shared_experts),
+                       ("first_dense_layers", e.first_dense_layers)):
+        if value < 0:
+            raise ConfigError(f"model.moe.{key} must be ≥ 0, got {value}.")
+    if e.every < 1:
+        raise ConfigError(f"model.moe.every must be ≥ 1 (1 = every layer after the dense ones is MoE), got {e.every}.")
+    if e.first_dense_layers >= L:
+        raise ConfigError(f"model.moe.first_dense_layers={e.first_dense_layers} leaves no MoE layer of "
+                          f"model.num_layers={L}; use first_dense_layers < {L} or model.moe.num_experts=0.")
+    for key, value in (("aux_loss_coef", e.aux_loss_coef), ("z_loss_coef", e.z_loss_coef),
+                       ("bias_update_rate", e.bias_update_rate)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"model.moe.{key} must be a finite number ≥ 0 (0 turns it off), got {value}.")
+    if not (e.routed_scale > 0 and math.isfinite(e.routed_scale)):
+        raise ConfigError(f"model.moe.routed_scale must be a finite number > 0, got {e.routed_scale}.")
+    per_expert = e.capacity_factor * T * e.top_k / e.num_experts
+    if e.dispatch == "capacity" and not per_expert >= 1:
+        raise ConfigError(f"model.moe.capacity_factor={e.capacity_factor} gives each expert "
+                          f"{per_expert:.3g} < 1 token per sequence (capacity_factor · seq_len · top_k / "
+                          f"num_experts); raise it to ≥ {e.num_experts / (T * e.top_k):.3g} or use "
+                          "model.moe.dispatch=dropless.")
+    if cfg.mesh.pipe > 1:
+        raise ConfigError("model.moe with mesh.pipe > 1 is not supported yet; use mesh.pipe=1 "
+                          "(or model.moe.num_experts=0).")
+    if cfg.mesh.context > 1:
+        raise ConfigError("model.moe with mesh.context > 1 is not supported yet (capacity and the "
+                          "balance loss are per whole sequence); use mesh.context=1.")
 
 
 TRACKERS = ("wandb", "swanlab")
@@ -208,3 +256,22 @@ def _validate_pipeline(cfg: Config) -> None:
             f"The per-microbatch batch of {step_batch} sequences (train.batch_size / train.grad_accum) "
             f"is not divisible by pipeline.microbatches={micro}; use a train.batch_size that is a "
             f"multiple of {micro * cfg.train.grad_accum}.")
+
+
+def _validate_expert_parallel(cfg: Config) -> None:
+    """The `expert` mesh axis against the MoE shape (`jaxsys.parallel.expert`). On a dense model
+    `mesh.expert` > 1 is allowed: it splits the batch like `mesh.data` (the batch is split over
+    data × fsdp × expert whatever the model), so a layout can be tried dense and sparse alike."""
+    mesh, moe = cfg.mesh, cfg.model.moe
+    if moe.num_experts <= 0:
+        return
+    e, t = mesh.expert, mesh.tensor
+    if e > 1 and moe.num_experts % e:
+        divisors = [d for d in range(1, e + 1) if moe.num_experts % d == 0]
+        raise ConfigError(f"model.moe.num_experts={moe.num_experts} is not divisible by mesh.expert={e} "
+                          f"(each device holds num_experts / mesh.expert experts); use mesh.expert="
+                          f"{max(divisors)} or a multiple of {e} experts.")
+    F = moe.expert_dim or cfg.model.resolved().mlp_dim
+    if t > 1 and F % t:
+        raise ConfigError(f"The experts' hidden size {F} (model.moe.expert_dim, 0 = model.mlp_dim) is not "
+                          f"divisible by mesh.tensor={t}; use an expert_dim that is a multiple of {t}.")

@@ -18,14 +18,18 @@ meaning for them.
     P  pipeline stages (`mesh.pipe`)     C  layer chunks per stage (`pipeline.virtual_stages`)
     N  pipeline schedule ticks           Z  pipeline stash slots
     O  new-token slots of a generation   R  draft tokens of one speculative round (γ)
+    X  routed experts (`model.moe.num_experts`; the MoE hidden size is F = `moe.expert_dim`)
+    I  a token's expert choices (`model.moe.top_k`)
+    U  capacity: slots of one expert's buffer per sequence (`jaxsys.model.moe.capacity`)
 
 Logical axes (names, not letters) are what parameters and activations are annotated with;
 `jaxsys.parallel.rules` maps them onto mesh axes, and model code never names a mesh axis:
 
-    batch, seq, embed, heads, kv_heads, head_dim, mlp, vocab, layers, residual_seq
+    batch, seq, embed, heads, kv_heads, head_dim, mlp, vocab, layers, residual_seq, expert
 
 `residual_seq` is the sequence axis of the residual stream, kept apart from attention's `seq`
 so that sequence parallelism can split the one over `tensor` while the other stays whole.
+`expert` is the leading axis of the MoE experts' weights ([X, D, F] and [X, F, D]).
 """
 
 from __future__ import annotations
@@ -40,3 +44,5 @@ KV_BTKE: Axes = ("batch", "seq", "kv_heads", "head_dim")
 H_BTF: Axes = ("batch", "seq", "mlp")
 LOGITS_BTV: Axes = ("batch", "seq", "vocab")
 TOKENS_BT: Axes = ("batch", "seq")
+EXPERT_XDF: Axes = ("expert", "embed", "mlp")  # an MoE layer's w_in / w_gate
+EXPERT_XFD: Axes = ("expert", "mlp", "embed")  # its w_out

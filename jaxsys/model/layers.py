@@ -185,10 +185,13 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: `(x, positions, cache, segment_ids) -> (x, cache)`, the (carry,
     scanned output) signature `nn.scan` expects; the cache is None when training, the segment
-    ids (packed documents, int [B, T]) None but when packing."""
+    ids (packed documents, int [B, T]) None but when packing. `ffn`: the block's MLP, None for
+    the dense `Mlp` (submodule "mlp"), or an MoE module class (`jaxsys.model.moe.MoeMlp`,
+    submodule "moe", called as `ffn(cfg)(x, decoding)`)."""
 
     cfg: ModelConfig
     deterministic: bool = True
+    ffn: Any = None
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
@@ -199,6 +202,9 @@ class Block(nn.Module):
         h_BTD, cache = Attention(cfg, name="attn")(Norm(cfg, name="ln_attn")(x_BTD), positions_BT, cache,
                                                    segment_ids_BT)
         x_BTD = hooks.constrain(x_BTD + drop(h_BTD), ACT_BTD)
-        h_BTD = Mlp(cfg, name="mlp")(Norm(cfg, name="ln_mlp")(x_BTD))
+        if self.ffn is None:
+            h_BTD = Mlp(cfg, name="mlp")(Norm(cfg, name="ln_mlp")(x_BTD))
+        else:
+            h_BTD = self.ffn(cfg, name="moe")(Norm(cfg, name="ln_mlp")(x_BTD), cache is not None)
         x_BTD = hooks.constrain(x_BTD + drop(h_BTD), ACT_BTD)
         return x_BTD, cache
