@@ -193,9 +193,10 @@ def _validate_moe(cfg: Config) -> None:
                           f"{per_expert:.3g} < 1 token per sequence (capacity_factor · seq_len · top_k / "
                           f"num_experts); raise it to ≥ {e.num_experts / (T * e.top_k):.3g} or use "
                           "model.moe.dispatch=dropless.")
-    if cfg.mesh.pipe > 1:
-        raise ConfigError("model.moe with mesh.pipe > 1 is not supported yet; use mesh.pipe=1 "
-                          "(or model.moe.num_experts=0).")
+    if cfg.mesh.pipe > 1 and (e.first_dense_layers or e.every != 1):
+        raise ConfigError(f"model.moe with mesh.pipe > 1 needs every layer MoE (the pipeline splits one uniform "
+                          f"stack), got first_dense_layers={e.first_dense_layers}, every={e.every}; set "
+                          "model.moe.first_dense_layers=0 and model.moe.every=1, or mesh.pipe=1.")
     if cfg.mesh.context > 1:
         raise ConfigError("model.moe with mesh.context > 1 is not supported yet (capacity and the "
                           "balance loss are per whole sequence); use mesh.context=1.")

@@ -4,7 +4,7 @@
 - `hooks`: the points where parallel strategies plug in (plain versions here);
 - `attention`: the attention implementations (xla, cudnn, pallas), unsharded;
 - `layers`: norm, RoPE, attention, MLP, block;
-- `transformer`: the `Transformer` (embed -> blocks -> head), `block_fn`, `abstract_params`;
+- `transformer`: the `Transformer` (embed -> blocks -> head), `block_fn`, `moe_block_fn`, `abstract_params`;
 - `loss`: the mean next-token cross-entropy; `flops`, `params`: counting.
 
 Imports only `jaxsys.config` (and `pallas_kernels` for the flash-attention kernel).

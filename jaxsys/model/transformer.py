@@ -10,6 +10,7 @@ methods, so a pipeline stage runs exactly the model's code on part of the tree:
     model.apply({"params": p}, tokens_BT, positions_BT, caches, method="decode")
                                                                    -> (logits, caches)  (KV cache)
     block_fn(cfg)(layer_params, x_BTD, positions_BT)               -> x_BTD (one layer, with remat)
+    moe_block_fn(cfg)(layer_params, layer_bias, x_BTD, positions_BT) -> (x_BTD, moe_stats)
 
 Families (`model.family`): gpt2 has a learned position table and ties the output head to the
 token embedding; llama uses RoPE (inside attention) and a separate head matrix (`model.head`
@@ -231,6 +232,26 @@ def block_fn(cfg: ModelConfig) -> Callable[..., jax.Array]:
     def block(layer: Any, x_BTD: jax.Array, positions_BT: jax.Array,
               segment_ids_BT: jax.Array | None = None) -> jax.Array:
         return Block(c).apply({"params": layer}, x_BTD, positions_BT, None, segment_ids_BT)[0]
+
+    if c.remat != "none":
+        block = jax.checkpoint(block, policy=REMAT_POLICIES[c.remat])
+    return block
+
+
+def moe_block_fn(cfg: ModelConfig) -> Callable[..., tuple[jax.Array, Any]]:
+    """One MoE layer (an element of the `moe_layers` stack with `model.moe.every` = 1) as a
+    function `(layer_params, layer_bias, x_BTD, positions_BT, segment_ids_BT=None) -> (x_BTD,
+    stats)`: `layer_bias` the layer's `moe_bias` subtree (None without the loss-free bias),
+    `stats` its sown `moe_stats` ({"moe": {"aux": (scalar,), ...}}). No dropout; the model's
+    remat policy. `block_fn`'s MoE counterpart, for a pipeline stage."""
+    c = cfg.resolved()
+
+    def block(layer: Any, bias: Any, x_BTD: jax.Array, positions_BT: jax.Array,
+              segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, Any]:
+        variables = {"params": layer} if bias is None else {"params": layer, moe.BIAS: bias}
+        (y_BTD, _), sown = Block(c, True, moe.MoeMlp).apply(variables, x_BTD, positions_BT, None, segment_ids_BT,
+                                                            mutable=[moe.STATS])
+        return y_BTD, sown[moe.STATS]
 
     if c.remat != "none":
         block = jax.checkpoint(block, policy=REMAT_POLICIES[c.remat])

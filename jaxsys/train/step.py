@@ -81,9 +81,10 @@ def _loss_and_grads(s: Setup, model_state: dict[str, Any]) -> GradFn:
     grad_fn: GradFn = jax.value_and_grad(lambda p, b, k: loss(s.model, p, b, k))
     if cfg.model.moe.num_experts:
         grad_fn = lambda p, b, k: _moe_grads(s, model_state, p, b, k)  # noqa: E731
-    if s.mesh.shape["pipe"] > 1:  # the pipeline computes loss and gradients itself (no dropout)
+    if s.mesh.shape["pipe"] > 1:  # the pipeline computes loss and gradients itself (no dropout;
+        # for MoE the objective's, with the statistics beside the cross-entropy)
         prog = compile_schedule(make_schedule(cfg, s.mesh.shape["pipe"]))
-        grad_fn = lambda p, b, k: pipeline_grads(cfg, s.mesh, prog, p, b)[:2]  # noqa: E731
+        grad_fn = lambda p, b, k: pipeline_grads(cfg, s.mesh, prog, p, b, model_state)[:2]  # noqa: E731
     accumulate_ = functools.partial(accumulate, num_micro=cfg.train.grad_accum)
     if zero.uses_explicit_sync(cfg, s.mesh):  # shard_map over data × fsdp, ZeRO by hand
         return zero.make_synced_grads(cfg, s.mesh, s.logical_specs, accumulate_, grad_fn)
