@@ -251,4 +251,5 @@ def test_refusals_name_the_key_and_the_fix():
     for key in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
         assert f"model.moe.{key} must be" in _refused(f"model.moe.{key}=-0.1")
     assert "model.moe.expert_dim must be ≥ 0" in _refused("model.moe.expert_dim=-1")
-    assert "mesh.pipe=1" in _refused("mesh.pipe=2")
+    # The pipeline splits one uniform stack: a dense layer among the MoE ones is refused under pipe.
+    assert "model.moe.every=1, or mesh.pipe=1" in _refused("mesh.pipe=2", "model.moe.every=2")
