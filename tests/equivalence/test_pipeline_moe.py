@@ -37,9 +37,9 @@ def moe_cfg(dispatch: str, *mesh: str, rows: int = 2):
 
 
 @functools.lru_cache(maxsize=None)
-def one_device(dispatch: str, rows: int = 2):
+def one_device(dispatch: str, rows: int = 2, model: tuple[str, ...] = ()):
     """(params, model state with a random bias, batch, ce, stats, objective grads, ce-only grads)."""
-    s = layout(moe_cfg(dispatch, "mesh.data=1", "mesh.pipe=1", rows=rows))
+    s = layout(moe_cfg(dispatch, *model, "mesh.data=1", "mesh.pipe=1", rows=rows))
     state = init_state(s, seed=0)
     params = jax.device_get(state.params)
     rng = np.random.RandomState(0)
@@ -64,12 +64,13 @@ def run_pipeline(cfg, params, model_state, batch):
     return float(ce), jax.device_get(stats), jax.device_get(grads), compiled.as_text()
 
 
-def check_equal(dispatch: str, *mesh: str, rows: int = 2):
+def check_equal(dispatch: str, *mesh: str, rows: int = 2, model: tuple[str, ...] = ()):
     mesh = mesh or ("mesh.data=1",)
-    params, ms, batch, ref_ce, ref_stats, ref_grads, ce_grads = one_device(dispatch, rows)
-    cfg = moe_cfg(dispatch, "mesh.pipe=2", *mesh, rows=rows)
+    params, ms, batch, ref_ce, ref_stats, ref_grads, ce_grads = one_device(dispatch, rows, model)
+    cfg = moe_cfg(dispatch, *model, "mesh.pipe=2", *mesh, rows=rows)
     ce, stats, grads, hlo = run_pipeline(cfg, params, ms, batch)
-    assert ("all-to-all" in hlo) == (cfg.mesh.expert > 1)  # expert parallel inside the stages
+    if cfg.pipeline.virtual_stages == 1:  # (interleaving reorders the pipe-split layers by all-to-all)
+        assert ("all-to-all" in hlo) == (cfg.mesh.expert > 1)  # expert parallel inside the stages
     assert abs(ce - ref_ce) < 2e-6, (ce, ref_ce)
     assert max_abs_diff(grads, ref_grads) < 2e-6
     assert max_abs_diff(grads, ce_grads) > 1e-4  # the balancing terms really are in the gradients
@@ -86,6 +87,16 @@ def check_equal(dispatch: str, *mesh: str, rows: int = 2):
 @pytest.mark.parametrize("dispatch", ["capacity", pytest.param("dropless", marks=pytest.mark.slow)])
 def test_moe_pipeline_equals_one_device(dispatch):
     check_equal(dispatch)
+
+
+@pytest.mark.slow  # long: the default run stays under its time budget
+@pytest.mark.parametrize("dispatch,schedule", [
+    ("capacity", ("pipeline.schedule=zb-h1",)),
+    ("dropless", ("pipeline.schedule=interleaved-1f1b", "pipeline.virtual_stages=2", "model.num_layers=4")),
+])
+def test_moe_pipeline_other_schedules(dispatch, schedule):
+    """ZB-H1 (W apart from B) and interleaved 1F1B (2 chunks per stage, 4 layers)."""
+    check_equal(dispatch, model=schedule)
 
 
 @pytest.mark.slow  # long: the default run stays under its time budget
