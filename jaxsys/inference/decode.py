@@ -80,9 +80,8 @@ def empty_caches(model: Transformer, batch: int, slots: int, kv_dtype: str) -> A
     """Zeroed KV caches for `model`: a tuple of per-layer caches, or one stacked (scan_layers)."""
     c = model.cfg.resolved()
     if c.scan_layers:
-        return kv_cache.empty(batch, slots, c.num_kv_heads, c.head_dim, kv_dtype, layers=c.num_layers)
-    return tuple(kv_cache.empty(batch, slots, c.num_kv_heads, c.head_dim, kv_dtype)
-                 for _ in range(c.num_layers))
+        return kv_cache.for_model(c, batch, slots, kv_dtype, layers=c.num_layers)
+    return tuple(kv_cache.for_model(c, batch, slots, kv_dtype) for _ in range(c.num_layers))
 
 
 def is_quantized(params: Any) -> bool:

@@ -19,10 +19,21 @@ meaning for them.
     N  pipeline schedule ticks           Z  pipeline stash slots
     O  new-token slots of a generation   R  draft tokens of one speculative round (γ)
 
+Multi-head latent attention (`model.attention_kind=mla`, `jaxsys.model.mla`); E is then the
+value head size (`model.v_head_dim`), the size the output projection reads per head:
+
+    Q  query latent rank (`model.q_lora_rank`)   U  key/value latent rank (`model.kv_lora_rank`)
+    I  no-RoPE part of a query/key head          Y  decoupled RoPE part of a query/key head
+       (`model.qk_nope_dim`)                        (`model.qk_rope_dim`; one key per token for all heads)
+    W  a whole query/key head, I + Y
+
 Logical axes (names, not letters) are what parameters and activations are annotated with;
 `jaxsys.parallel.rules` maps them onto mesh axes, and model code never names a mesh axis:
 
-    batch, seq, embed, heads, kv_heads, head_dim, mlp, vocab, layers, residual_seq
+    batch, seq, embed, heads, kv_heads, head_dim, mlp, vocab, layers, residual_seq, latent
+
+`latent` is MLA's compressed rank axis (Q or U, and the latent + RoPE key width U + Y): every
+device computes the whole latent (no rule splits it), heads are split after it.
 
 `residual_seq` is the sequence axis of the residual stream, kept apart from attention's `seq`
 so that sequence parallelism can split the one over `tensor` while the other stays whole.

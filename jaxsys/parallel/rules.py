@@ -53,6 +53,7 @@ PARAM_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("head_dim", None),
+    ("latent", None),  # MLA's compressed rank: whole on every device (jaxsys.model.mla)
     ("layers", "pipe"),  # stacked layers split into pipeline stages (jaxsys.parallel.pipeline)
 )
 
@@ -65,6 +66,7 @@ ACTIVATION_RULES: Rules = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("head_dim", None),
+    ("latent", None),
     ("residual_seq", None),  # the residual stream's sequence axis; -> tensor with SP
 )
 
