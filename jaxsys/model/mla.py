@@ -27,8 +27,8 @@ weighted sum (DeepSeek-V2 §2.1.2), so attention runs over the latent directly.
 
 Tensor parallelism: heads over `tensor` (wq / wq_b, wkv_b, wo), the latent projections and
 their norms whole on every device (logical axis `latent`, which no rule splits): each device
-computes the whole latent, as DeepSeek's inference does. Under sequence parallelism the first
-projections (`column_matmul`) gather x along T, so the latents are whole in T.
+computes the whole latent, as DeepSeek's inference does. Under sequence parallelism each
+device projects its own positions and the latents are gathered along T (`_latent`).
 """
 
 from __future__ import annotations
@@ -92,10 +92,9 @@ class MLAttention(nn.Module):
         pdt, cdt = jnp.dtype(c.param_dtype), jnp.dtype(c.compute_dtype)
         out_std = 0.02 / math.sqrt(2 * c.num_layers)
         wkv_a = param(self, "wkv_a", (D, U + Y), ("embed", "latent"), 0.02, pdt)
-        if Q:  # one matmul for both latents (under SP: one all-gather of x along T)
+        if Q:  # one matmul for both latents
             wq_a = param(self, "wq_a", (D, Q), ("embed", "latent"), 0.02, pdt)
-            lat_BTR = hooks.column_matmul("btd,dr->btr", x_BTD, jnp.concatenate([wq_a, wkv_a], 1).astype(cdt),
-                                          ("embed", "latent"), _LATENT_BT)
+            lat_BTR = _latent(x_BTD, jnp.concatenate([wq_a, wkv_a], 1).astype(cdt))
             cq_BTQ = _rms_norm(self, "q_norm", lat_BTR[..., :Q], c)
             wq_b = param(self, "wq_b", (Q, H, I + Y), ("latent", "heads", "head_dim"), 0.02, pdt)
             q_BTHW = hooks.constrain(jnp.einsum("btq,qhw->bthw", cq_BTQ, wq_b.astype(cdt)), _HEADS_BTHE)
@@ -104,8 +103,7 @@ class MLAttention(nn.Module):
             wq = param(self, "wq", (D, H, I + Y), ("embed", "heads", "head_dim"), 0.02, pdt)
             q_BTHW = hooks.column_matmul("btd,dhw->bthw", x_BTD, wq.astype(cdt),
                                          ("embed", "heads", "head_dim"), _HEADS_BTHE)
-            ckv_BTZ = hooks.column_matmul("btd,dz->btz", x_BTD, wkv_a.astype(cdt), ("embed", "latent"),
-                                          _LATENT_BT)
+            ckv_BTZ = _latent(x_BTD, wkv_a.astype(cdt))
         ckv_BTU = _rms_norm(self, "kv_norm", ckv_BTZ[..., :U], c)
         k_rope_BTY = rope(ckv_BTZ[..., None, U:], positions_BT, c)[:, :, 0]
         q_nope_BTHI, q_rope_BTHY = q_BTHW[..., :I], rope(q_BTHW[..., I:], positions_BT, c)
@@ -128,6 +126,14 @@ class MLAttention(nn.Module):
         y_BTD = hooks.row_matmul("bthe,hed->btd", o_BTHE, wo.astype(cdt), Q_BTHE,
                                  ("heads", "head_dim", "embed"), ACT_BTD)
         return y_BTD, cache
+
+
+def _latent(x_BTD: jax.Array, w_DR: jax.Array) -> jax.Array:
+    """The latent projection x·w, whole in T and on every device: a plain einsum, not the
+    column-parallel hook (its output is not split over `tensor`). Under sequence parallelism
+    x arrives split along T, each device projects its own tokens and the partitioner gathers
+    the latent (R wide, e.g. 2112 for DeepSeek-V3) rather than x (D = 7168)."""
+    return hooks.constrain(jnp.einsum("btd,dr->btr", x_BTD, w_DR), _LATENT_BT)
 
 
 def _attention(c: ModelConfig, q_BTHW: jax.Array, k_BTHW: jax.Array, v_BTHE: jax.Array,
