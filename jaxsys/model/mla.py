@@ -48,11 +48,12 @@ _LATENT_BT = ("batch", "seq", "latent")
 _HEADS_BTHE = Q_BTHE
 
 
-def _rms_norm(module: nn.Module, name: str, x_BTR: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """RMSNorm of a latent (float32 inside, compute dtype out), its scale `name` over `latent`."""
-    scale_R = param(module, name, (x_BTR.shape[-1],), ("latent",), None, jnp.dtype(cfg.param_dtype))
-    x = x_BTR.astype(jnp.float32)
-    y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + cfg.norm_eps) * scale_R
+def _rms_norm(module: nn.Module, name: str, latent: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """RMSNorm of a latent [B, T, Q] or [B, T, U] (float32 inside, compute dtype out), its scale
+    `name` over `latent`."""
+    scale = param(module, name, (latent.shape[-1],), ("latent",), None, jnp.dtype(cfg.param_dtype))
+    x = latent.astype(jnp.float32)
+    y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + cfg.norm_eps) * scale
     return y.astype(cfg.compute_dtype)
 
 
@@ -94,18 +95,18 @@ class MLAttention(nn.Module):
         wkv_a = param(self, "wkv_a", (D, U + Y), ("embed", "latent"), 0.02, pdt)
         if Q:  # one matmul for both latents
             wq_a = param(self, "wq_a", (D, Q), ("embed", "latent"), 0.02, pdt)
-            lat_BTR = _latent(x_BTD, jnp.concatenate([wq_a, wkv_a], 1).astype(cdt))
-            cq_BTQ = _rms_norm(self, "q_norm", lat_BTR[..., :Q], c)
+            latents = _latent(x_BTD, jnp.concatenate([wq_a, wkv_a], 1).astype(cdt))  # [B, T, Q + U + Y]
+            cq_BTQ = _rms_norm(self, "q_norm", latents[..., :Q], c)
             wq_b = param(self, "wq_b", (Q, H, I + Y), ("latent", "heads", "head_dim"), 0.02, pdt)
             q_BTHW = hooks.constrain(jnp.einsum("btq,qhw->bthw", cq_BTQ, wq_b.astype(cdt)), _HEADS_BTHE)
-            ckv_BTZ = lat_BTR[..., Q:]
+            kv_latent = latents[..., Q:]  # [B, T, U + Y]: c_kv and the RoPE key
         else:
             wq = param(self, "wq", (D, H, I + Y), ("embed", "heads", "head_dim"), 0.02, pdt)
             q_BTHW = hooks.column_matmul("btd,dhw->bthw", x_BTD, wq.astype(cdt),
                                          ("embed", "heads", "head_dim"), _HEADS_BTHE)
-            ckv_BTZ = _latent(x_BTD, wkv_a.astype(cdt))
-        ckv_BTU = _rms_norm(self, "kv_norm", ckv_BTZ[..., :U], c)
-        k_rope_BTY = rope(ckv_BTZ[..., None, U:], positions_BT, c)[:, :, 0]
+            kv_latent = _latent(x_BTD, wkv_a.astype(cdt))
+        ckv_BTU = _rms_norm(self, "kv_norm", kv_latent[..., :U], c)
+        k_rope_BTY = rope(kv_latent[..., None, U:], positions_BT, c)[:, :, 0]
         q_nope_BTHI, q_rope_BTHY = q_BTHW[..., :I], rope(q_BTHW[..., I:], positions_BT, c)
         wkv_b = param(self, "wkv_b", (U, H, I + E), ("latent", "heads", "head_dim"), 0.02, pdt).astype(cdt)
         scale = 1.0 / math.sqrt(I + Y)
@@ -128,12 +129,12 @@ class MLAttention(nn.Module):
         return y_BTD, cache
 
 
-def _latent(x_BTD: jax.Array, w_DR: jax.Array) -> jax.Array:
-    """The latent projection x·w, whole in T and on every device: a plain einsum, not the
+def _latent(x_BTD: jax.Array, w: jax.Array) -> jax.Array:
+    """The latent projection x·w (w [D, Q + U + Y] or [D, U + Y]), whole in T and on every device: a plain einsum, not the
     column-parallel hook (its output is not split over `tensor`). Under sequence parallelism
     x arrives split along T, each device projects its own tokens and the partitioner gathers
     the latent (R wide, e.g. 2112 for DeepSeek-V3) rather than x (D = 7168)."""
-    return hooks.constrain(jnp.einsum("btd,dr->btr", x_BTD, w_DR), _LATENT_BT)
+    return hooks.constrain(jnp.einsum("btd,dr->btr", x_BTD, w), _LATENT_BT)
 
 
 def _attention(c: ModelConfig, q_BTHW: jax.Array, k_BTHW: jax.Array, v_BTHE: jax.Array,

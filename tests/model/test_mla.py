@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -90,15 +91,20 @@ def _params(cfg, seed=1):
             for k, v in p.items()}
 
 
-# Default: each q path once, one of them packed; the other two combinations with --runslow.
-CASES = [pytest.param(12, True, id="q_lora-segments"), pytest.param(0, False, id="q_direct-one_doc"),
-         pytest.param(12, False, id="q_lora-one_doc", marks=pytest.mark.slow),
-         pytest.param(0, True, id="q_direct-segments", marks=pytest.mark.slow)]
+# Default: each q path once, one of them packed, and the Pallas kernel (interpret mode) with
+# values wider than queries (E = 16 > W = 12: q and k padded, q rescaled); the other
+# combinations with --runslow.
+CASES = [pytest.param(12, True, "xla", E, id="q_lora-segments"),
+         pytest.param(0, False, "xla", E, id="q_direct-one_doc"),
+         pytest.param(12, True, "pallas", 16, id="pallas-v_wider-segments"),
+         pytest.param(12, False, "xla", E, id="q_lora-one_doc", marks=pytest.mark.slow),
+         pytest.param(0, True, "xla", E, id="q_direct-segments", marks=pytest.mark.slow),
+         pytest.param(0, True, "pallas", E, id="pallas-v_narrower-segments", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("q_lora_rank,packed", CASES)
-def test_mla_equals_decompressed_reference(q_lora_rank, packed):
-    cfg = _cfg(q_lora_rank)
+@pytest.mark.parametrize("q_lora_rank,packed,impl,v_head_dim", CASES)
+def test_mla_equals_decompressed_reference(q_lora_rank, packed, impl, v_head_dim):
+    cfg = dataclasses.replace(_cfg(q_lora_rank), attention=impl, v_head_dim=v_head_dim)
     x, pos, seg = _inputs()
     if not packed:
         pos, seg = np.broadcast_to(np.arange(T), (B, T)).astype(np.int32), None
@@ -189,3 +195,38 @@ def test_generator_greedy_equals_recompute():
     [got] = Generator(model, params).generate([Request(prompt, 8, SamplingParams(temperature=0.0))])
     assert len(set(got.tokens)) >= 3, got.tokens
     assert got.tokens == [int(t) for t in want[len(prompt):]]
+
+
+# ----------------------------------------------------------------------------- refusals
+
+_MLA = ["model.family=llama", "model.attention_kind=mla", "model.kv_lora_rank=16"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.attention_kind=mla", "model.kv_lora_rank=16"], "model.attention_kind=mla needs RoPE, RMSNorm and "
+                                                            "SwiGLU: use model.family=llama"),
+    (["model.family=llama", "model.attention_kind=mla"], "set model.kv_lora_rank ≥ 1"),
+    ([*_MLA, "model.qk_rope_dim=3"], "model.qk_rope_dim=3: RoPE needs an even size"),
+    ([*_MLA, "model.num_kv_heads=2"], "model.num_kv_heads=2 does not apply to model.attention_kind=mla"),
+    ([*_MLA, "model.qkv_bias=true"], "multi-head latent attention has no q/k/v biases"),
+    ([*_MLA, "mesh.context=2"], "does not run context-parallel yet; set mesh.context=1"),
+    ([*_MLA, "model.q_lora_rank=-1"], "model.q_lora_rank must be ≥ 0, got -1"),
+    (["model.family=llama", "model.kv_lora_rank=16"], "set model.attention_kind=mla to use it"),
+])
+def test_mla_refusals(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(apply_overrides(tiny(), overrides))
+
+
+def test_mla_heads_must_divide_the_tensor_axis():
+    """Heads are split over `tensor` (the latents are not): 4 heads on tensor=8 is refused
+    before compiling, by the layout check every layout goes through."""
+    from jaxsys.parallel.layout import check_layout
+    from jaxsys.parallel.mesh import make_mesh
+    from jaxsys.model.transformer import abstract_params
+
+    cfg = apply_overrides(tiny(), [*_MLA, "mesh.data=1", "mesh.tensor=8"])
+    validate(cfg)
+    with pytest.raises(ConfigError, match=re.escape("model.num_heads=4 is not divisible by the tensor axis "
+                                                    "(mesh.tensor=8)")):
+        check_layout(cfg, make_mesh(cfg.mesh, jax.devices()), *abstract_params(cfg.model))
