@@ -10,7 +10,8 @@ next to closed forms:
   by tensor and, per stage, by fsdp; activations per Korthikanti et al. 2022 (TP/SP/remat).
 - every collective of the optimized HLO (`hlo_stats`), by kind and mesh axes, beside the
   Megatron/ZeRO closed-form wire bytes.
-- FLOPs from `cost_analysis()` and a roofline step time (`roofline`).
+- FLOPs from `cost_analysis()` and a roofline step time (`roofline`); the closed form 6N +
+  attention counts N = the parameters one token uses (MoE: its top_k routed experts only).
 
 XLA's cost analysis counts a `while` body once, so the planner compiles with
 `model.scan_layers=false` (every layer visible; collectives are counted the same either way).
@@ -31,7 +32,7 @@ import numpy as np
 
 from jaxsys.config import Config, ConfigError, apply_overrides
 from jaxsys.config.hardware import get_accelerator
-from jaxsys.model.flops import flops_per_token
+from jaxsys.model.flops import active_params, flops_per_token
 from jaxsys.model.params import count_params
 from jaxsys.parallel import context as context_lib
 from jaxsys.parallel import rules
@@ -220,6 +221,7 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
               "peak": ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
               + ma.temp_size_in_bytes}
     n_params = count_params(s.abstract_params)
+    n_active = active_params(cfg.model, s.abstract_params, s.logical_specs)
     tp_only = rules.param_shardings(s.logical_specs, s.mesh, rules.grad_rules(
         dataclasses.replace(cfg.mesh, zero_stage=0)))
     tp_param_b = _shard_bytes(abstract.params, tp_only)
@@ -240,7 +242,7 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
     flops = float(cost.get("flops", 0.0)) * cfg.train.grad_accum
     hbm = float(cost.get("bytes accessed", 0.0)) * cfg.train.grad_accum
     tokens = cfg.train.batch_size * cfg.model.seq_len
-    flops_formula = flops_per_token(cfg.model, n_params) * tokens / n_dev
+    flops_formula = flops_per_token(cfg.model, n_active) * tokens / n_dev
     bf16 = cfg.model.compute_dtype != "float32"
     est = roofline.estimate(acc, flops, hbm, comm_s, bf16)
 
@@ -250,7 +252,8 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
               "context_kind": cfg.context_parallel.kind if sizes["context"] > 1 else None,
               "tensor": sizes["tensor"], "zero_stage": m.zero_stage,
               "sequence_parallel": m.sequence_parallel, "grad_sync": m.grad_sync,
-              "accelerator": acc.name, "params": n_params}
+              "accelerator": acc.name, "params": n_params,
+              "active_params": n_active}
     formula_mem = closed_form_state(cfg, sizes, n_params)
     formula_mem["activations"] = closed_form_activations(cfg, sizes)
     return Plan(layout, memory, formula_mem, rows, comm, closed_form_comm(cfg, sizes, tp_param_b),
@@ -266,8 +269,14 @@ def long_sequence(cfg: Config) -> bool:
 
 
 def _width_units(m: Any) -> float:
-    """A of the activation formula: QKV, attention output and MLP activations in units of D."""
+    """A of the activation formula: QKV, attention output and MLP activations in units of D
+    (MLA: its latents Q + U + Y, queries and keys H·W, values and output H·E; dense MLP width
+    counted for every layer, MoE layers not modelled)."""
     mlp = (2 if m.family == "gpt2" else 3) * m.mlp_dim / m.embed_dim
+    if m.attention_kind == "mla":
+        W = m.qk_nope_dim + m.qk_rope_dim
+        width = m.q_lora_rank + m.kv_lora_rank + m.qk_rope_dim + 2 * m.num_heads * (W + m.v_head_dim)
+        return width / m.embed_dim + mlp
     return ((m.num_heads + 2 * m.num_kv_heads) * m.head_dim + m.num_heads * m.head_dim) / m.embed_dim + mlp
 
 
@@ -334,9 +343,10 @@ def _mib(x: float) -> str:
 
 def format_plan(p: Plan) -> str:
     """A readable report: memory and communication beside their closed forms, roofline."""
+    active = p.layout.get("active_params", p.layout["params"])
+    params = f"{p.layout['params']:,} parameters" + (f", {active:,} active per token" if active != p.layout["params"] else "")
     lines = [f"layout: {p.layout['name']} on {p.layout['devices']} devices, grad_sync "
-             f"{p.layout.get('grad_sync', '?')} ({p.layout['params']:,} parameters; compiled in "
-             f"{p.compile_s:.1f} s)", "",
+             f"{p.layout.get('grad_sync', '?')} ({params}; compiled in {p.compile_s:.1f} s)", "",
              "memory per device (MiB)      compiled    formula"]
     for key in ("params", "grads", "optimizer"):
         lines.append(f"  {key:<26} {_mib(p.memory[key]):>9}  {_mib(p.memory_formula[key]):>9}")
