@@ -95,8 +95,11 @@ def closed_form_comm(cfg: Config, sizes: dict[str, int], tp_param_bytes: float) 
     data×fsdp; stages 1–3 reduce-scatter over fsdp + all-reduce of the 1/z shard over data +
     all-gather over fsdp (stage 3 gathers weights before use, 1–2 gather updated parameters).
     Context parallelism (c = mesh.context) divides the TP activations by c, reduces gradients
-    over context with data's, and adds its attention's collectives (`closed_form_context`)."""
-    m, M = cfg.model, cfg.train.grad_accum
+    over context with data's, and adds its attention's collectives (`closed_form_context`).
+    MLA without SP: `_mla_latent_units`; with SP the formula is MHA's (measured on a tiny MLA
+    model at tensor=4: 4 all-gathers and 3 reduce-scatters of b·T·D per block plus all-reduces
+    of about b·T·(Q + U + Y + 8.5): not modelled)."""
+    m, M = cfg.model.resolved(), cfg.train.grad_accum
     t, z, d, c = sizes["tensor"], sizes["fsdp"], sizes["data"], sizes.get("context", 1)
     out = {k: 0.0 for k in hlo_stats.KINDS}
     if t > 1:
@@ -107,7 +110,8 @@ def closed_form_comm(cfg: Config, sizes: dict[str, int], tp_param_bytes: float) 
             out["all-gather"] += M * n * (t - 1) / t * act
             out["reduce-scatter"] += M * n * (t - 1) / t * act
         else:
-            out["all-reduce"] += M * n * 2 * (t - 1) / t * act
+            n -= m.num_layers * _mla_latent_units(m)[0]
+            out["all-reduce"] += M * (n + m.num_layers * _mla_latent_units(m)[1]) * 2 * (t - 1) / t * act
         out["all-reduce"] += M * 3 * 2 * (t - 1) / t * b * m.seq_len // c * 4
     n, dc = d * z * c, d * c
     if cfg.mesh.zero_stage == 0 or z == 1:
@@ -119,6 +123,19 @@ def closed_form_comm(cfg: Config, sizes: dict[str, int], tp_param_bytes: float) 
     for kind, wire in closed_form_context(cfg, sizes).items():
         out[kind] += wire
     return out
+
+
+def _mla_latent_units(m: Any) -> tuple[int, float]:
+    """MLA under tensor parallelism without SP (measured in the compiled HLO): the backward
+    all-reduces each latent's cotangent, summed over the heads of wq_b / wkv_b, instead of
+    the b·T·D of x: (the all-reduces of b·T·D it drops per layer, the latent all-reduces it
+    adds in units of b·T·D): with a query latent (1, (Q + U + Y) / D), without one (0, (U + Y)
+    / D), wq's dx all-reduce staying. (0, 0) for MHA."""
+    if m.attention_kind != "mla":
+        return 0, 0.0
+    if m.q_lora_rank:
+        return 1, (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_dim) / m.embed_dim
+    return 0, (m.kv_lora_rank + m.qk_rope_dim) / m.embed_dim
 
 
 def closed_form_context(cfg: Config, sizes: dict[str, int]) -> dict[str, float]:
