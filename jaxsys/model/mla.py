@@ -27,8 +27,8 @@ weighted sum (DeepSeek-V2 §2.1.2), so attention runs over the latent directly.
 
 Tensor parallelism: heads over `tensor` (wq / wq_b, wkv_b, wo), the latent projections and
 their norms whole on every device (logical axis `latent`, which no rule splits): each device
-computes the whole latent, as DeepSeek's inference does. Under sequence parallelism each
-device projects its own positions and the latents are gathered along T (`_latent`).
+computes the whole latent, as DeepSeek's inference does; under sequence parallelism the
+latents are whole in T (`_latent`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from jaxsys.model.axes import ACT_BTD, Q_BTHE
 from jaxsys.model.layers import param, rope
 
 _LATENT_BT = ("batch", "seq", "latent")
-_HEADS_BTHE = Q_BTHE
 
 
 def _rms_norm(module: nn.Module, name: str, latent: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -98,12 +97,12 @@ class MLAttention(nn.Module):
             latents = _latent(x_BTD, jnp.concatenate([wq_a, wkv_a], 1).astype(cdt))  # [B, T, Q + U + Y]
             cq_BTQ = _rms_norm(self, "q_norm", latents[..., :Q], c)
             wq_b = param(self, "wq_b", (Q, H, I + Y), ("latent", "heads", "head_dim"), 0.02, pdt)
-            q_BTHW = hooks.constrain(jnp.einsum("btq,qhw->bthw", cq_BTQ, wq_b.astype(cdt)), _HEADS_BTHE)
+            q_BTHW = hooks.constrain(jnp.einsum("btq,qhw->bthw", cq_BTQ, wq_b.astype(cdt)), Q_BTHE)
             kv_latent = latents[..., Q:]  # [B, T, U + Y]: c_kv and the RoPE key
         else:
             wq = param(self, "wq", (D, H, I + Y), ("embed", "heads", "head_dim"), 0.02, pdt)
             q_BTHW = hooks.column_matmul("btd,dhw->bthw", x_BTD, wq.astype(cdt),
-                                         ("embed", "heads", "head_dim"), _HEADS_BTHE)
+                                         ("embed", "heads", "head_dim"), Q_BTHE)
             kv_latent = _latent(x_BTD, wkv_a.astype(cdt))
         ckv_BTU = _rms_norm(self, "kv_norm", kv_latent[..., :U], c)
         k_rope_BTY = rope(kv_latent[..., None, U:], positions_BT, c)[:, :, 0]
@@ -112,7 +111,7 @@ class MLAttention(nn.Module):
         scale = 1.0 / math.sqrt(I + Y)
 
         if cache is None:
-            kv_BTHJ = hooks.constrain(jnp.einsum("btu,uhj->bthj", ckv_BTU, wkv_b), _HEADS_BTHE)
+            kv_BTHJ = hooks.constrain(jnp.einsum("btu,uhj->bthj", ckv_BTU, wkv_b), Q_BTHE)
             B, T = x_BTD.shape[:2]
             k_BTHW = jnp.concatenate([kv_BTHJ[..., :I], jnp.broadcast_to(k_rope_BTY[:, :, None], (B, T, H, Y))], -1)
             q_BTHW = jnp.concatenate([q_nope_BTHI, q_rope_BTHY], -1)
@@ -130,10 +129,12 @@ class MLAttention(nn.Module):
 
 
 def _latent(x_BTD: jax.Array, w: jax.Array) -> jax.Array:
-    """The latent projection x·w (w [D, Q + U + Y] or [D, U + Y]), whole in T and on every device: a plain einsum, not the
-    column-parallel hook (its output is not split over `tensor`). Under sequence parallelism
-    x arrives split along T, each device projects its own tokens and the partitioner gathers
-    the latent (R wide, e.g. 2112 for DeepSeek-V3) rather than x (D = 7168)."""
+    """The latent projection x·w (w [D, Q + U + Y] or [D, U + Y]), whole in T and on every
+    device: a plain einsum and a constraint, not the column-parallel hook, whose shard_map
+    cannot return an output replicated over `tensor` from an all-gathered x. Under sequence
+    parallelism the partitioner then chooses what to gather along T (measured on CPU: x, as
+    the column-parallel hook would; the latent, 2112 wide for DeepSeek-V3 against D = 7168,
+    would be cheaper)."""
     return hooks.constrain(jnp.einsum("btd,dr->btr", x_BTD, w), _LATENT_BT)
 
 
