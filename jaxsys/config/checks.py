@@ -85,6 +85,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"RoPE needs an even head size, got {m.head_dim}; change model.head_dim.")
     _validate_variants(m)
     _validate_mla(cfg)
+    _validate_moe(cfg)
     t = cfg.train
     if t.batch_size % t.grad_accum:
         raise ConfigError(
@@ -189,6 +190,52 @@ def _validate_mla(cfg: Config) -> None:
     if cfg.mesh.context != 1:
         raise ConfigError("model.attention_kind=mla does not run context-parallel yet; set mesh.context=1 (split "
                           "the batch, or heads with mesh.tensor, instead).")
+
+
+def _validate_moe(cfg: Config) -> None:
+    """Mixture-of-experts settings (`model.moe.*`) that cannot work; nothing when num_experts = 0."""
+    e = cfg.model.moe
+    if not e.num_experts >= 0:
+        raise ConfigError(f"model.moe.num_experts must be ≥ 0 (0 = dense MLPs), got {e.num_experts}.")
+    if e.num_experts == 0:
+        return
+    L, T = cfg.model.num_layers, cfg.model.seq_len
+    for key, value, choices in (("router", e.router, ("softmax", "sigmoid")),
+                                ("dispatch", e.dispatch, ("dropless", "capacity"))):
+        if value not in choices:
+            raise ConfigError(f"model.moe.{key}={value!r} is not one of {list(choices)}.")
+    if e.top_k < 1:
+        raise ConfigError(f"model.moe.top_k must be ≥ 1 (experts per token), got {e.top_k}.")
+    if e.top_k > e.num_experts:
+        raise ConfigError(f"model.moe.top_k={e.top_k} > model.moe.num_experts={e.num_experts}; a token "
+                          f"picks distinct experts: use top_k ≤ {e.num_experts} or more experts.")
+    for key, value in (("expert_dim", e.expert_dim), ("num_shared_experts", e.num_shared_experts),
+                       ("first_dense_layers", e.first_dense_layers)):
+        if value < 0:
+            raise ConfigError(f"model.moe.{key} must be ≥ 0, got {value}.")
+    if e.every < 1:
+        raise ConfigError(f"model.moe.every must be ≥ 1 (1 = every layer after the dense ones is MoE), got {e.every}.")
+    if e.first_dense_layers >= L:
+        raise ConfigError(f"model.moe.first_dense_layers={e.first_dense_layers} leaves no MoE layer of "
+                          f"model.num_layers={L}; use first_dense_layers < {L} or model.moe.num_experts=0.")
+    for key, value in (("aux_loss_coef", e.aux_loss_coef), ("z_loss_coef", e.z_loss_coef),
+                       ("bias_update_rate", e.bias_update_rate)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"model.moe.{key} must be a finite number ≥ 0 (0 turns it off), got {value}.")
+    if not (e.routed_scale > 0 and math.isfinite(e.routed_scale)):
+        raise ConfigError(f"model.moe.routed_scale must be a finite number > 0, got {e.routed_scale}.")
+    per_expert = e.capacity_factor * T * e.top_k / e.num_experts
+    if e.dispatch == "capacity" and not per_expert >= 1:
+        raise ConfigError(f"model.moe.capacity_factor={e.capacity_factor} gives each expert "
+                          f"{per_expert:.3g} < 1 token per sequence (capacity_factor · seq_len · top_k / "
+                          f"num_experts); raise it to ≥ {e.num_experts / (T * e.top_k):.3g} or use "
+                          "model.moe.dispatch=dropless.")
+    if cfg.mesh.pipe > 1:
+        raise ConfigError("model.moe with mesh.pipe > 1 is not supported yet; use mesh.pipe=1 "
+                          "(or model.moe.num_experts=0).")
+    if cfg.mesh.context > 1:
+        raise ConfigError("model.moe with mesh.context > 1 is not supported yet (capacity and the "
+                          "balance loss are per whole sequence); use mesh.context=1.")
 
 
 TRACKERS = ("wandb", "swanlab")

@@ -20,9 +20,9 @@ F MLP hidden, V vocabulary, T positions, L layers (stacked only):
 
     attn.wq [L,] D H E -> [L,] 1 H E     attn.wk / wv [L,] D K E -> [L,] 1 K E
     attn.wo [L,] H E D -> [L,] 1 1 D     mlp.wi / wi_gate / wi_up [L,] D F -> [L,] 1 F
-    MLA (Q, U latent ranks, Y RoPE part, W = I + Y query/key head, `jaxsys.model.mla`):
-    attn.wq_a [L,] D Q -> [L,] 1 Q      attn.wkv_a [L,] D (U+Y) -> [L,] 1 (U+Y)
-    attn.wq_b [L,] Q H W -> [L,] 1 H W  attn.wkv_b [L,] U H (I+E) -> [L,] 1 H (I+E)
+    MLA (Q a latent's rank, W a query/key head, Y its RoPE part, nope = W - Y, `jaxsys.model.mla`):
+    attn.wq_a [L,] D Q -> [L,] 1 Q      attn.wkv_a [L,] D (Q+Y) -> [L,] 1 (Q+Y)
+    attn.wq_b [L,] Q H W -> [L,] 1 H W  attn.wkv_b [L,] Q H (nope+E) -> [L,] 1 H (nope+E)
     mlp.wo  [L,] F D   -> [L,] 1 D       head (llama) D V -> 1 V
     embed   V D        -> V 1            one scale per token row: the row lookup needs it, and
                                          the tied gpt2 head contracts D, so it is per output V
@@ -65,7 +65,7 @@ _CONTRACTED: dict[str, tuple[str, ...]] = {
     "attn.wq_a": ("embed",),  # MLA (jaxsys.model.mla): btd,dr->btr, the latents
     "attn.wkv_a": ("embed",),
     "attn.wq_b": ("latent",),  # btq,qhw->bthw
-    "attn.wkv_b": ("latent",),  # btu,uhj->bthj (decoding also contracts its key half over I)
+    "attn.wkv_b": ("latent",),  # btq,qhj->bthj (decoding also contracts its key half over nope)
     "mlp.wi": ("embed",),  # btd,df->btf
     "mlp.wi_gate": ("embed",),  # btd,djf->btjf (fused gate/up; stacked after dequantization)
     "mlp.wi_up": ("embed",),

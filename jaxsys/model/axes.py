@@ -18,25 +18,29 @@ meaning for them.
     P  pipeline stages (`mesh.pipe`)     C  layer chunks per stage (`pipeline.virtual_stages`)
     N  pipeline schedule ticks           Z  pipeline stash slots
     O  new-token slots of a generation   R  draft tokens of one speculative round (γ)
+    X  routed experts (`model.moe.num_experts`; the MoE hidden size is F = `moe.expert_dim`)
+    I  a token's expert choices (`model.moe.top_k`)
+    U  capacity: slots of one expert's buffer per sequence (`jaxsys.model.moe.capacity`)
 
 Multi-head latent attention (`model.attention_kind=mla`, `jaxsys.model.mla`); E is then the
 value head size (`model.v_head_dim`), the size the output projection reads per head:
 
-    Q  query latent rank (`model.q_lora_rank`)   U  key/value latent rank (`model.kv_lora_rank`)
-    I  no-RoPE part of a query/key head          Y  decoupled RoPE part of a query/key head
-       (`model.qk_nope_dim`)                        (`model.qk_rope_dim`; one key per token for all heads)
-    W  a whole query/key head, I + Y
+    Q  a latent's rank: the query latent's (`model.q_lora_rank`) or the K/V latent's
+       (`model.kv_lora_rank`); an array holds one of them and its name says which (cq_BTQ, ckv_BTQ)
+    W  a query/key head (`model.qk_nope_dim` + `model.qk_rope_dim`)
+    Y  its decoupled RoPE part (`model.qk_rope_dim`; the key's is one per token, for all heads);
+       the rest, W - Y, has no letter (`q_nope`, `k_nope`)
 
 Logical axes (names, not letters) are what parameters and activations are annotated with;
 `jaxsys.parallel.rules` maps them onto mesh axes, and model code never names a mesh axis:
 
-    batch, seq, embed, heads, kv_heads, head_dim, mlp, vocab, layers, residual_seq, latent
-
-`latent` is MLA's compressed rank axis (Q or U, and the latent + RoPE key width U + Y): every
-device computes the whole latent (no rule splits it), heads are split after it.
+    batch, seq, embed, heads, kv_heads, head_dim, mlp, vocab, layers, residual_seq, expert, latent
 
 `residual_seq` is the sequence axis of the residual stream, kept apart from attention's `seq`
 so that sequence parallelism can split the one over `tensor` while the other stays whole.
+`expert` is the leading axis of the MoE experts' weights ([X, D, F] and [X, F, D]).
+`latent` is MLA's compressed rank axis (Q, and the K/V latent + RoPE key width): every device
+computes the whole latent (no rule splits it), heads are split after it.
 """
 
 from __future__ import annotations
@@ -51,3 +55,5 @@ KV_BTKE: Axes = ("batch", "seq", "kv_heads", "head_dim")
 H_BTF: Axes = ("batch", "seq", "mlp")
 LOGITS_BTV: Axes = ("batch", "seq", "vocab")
 TOKENS_BT: Axes = ("batch", "seq")
+EXPERT_XDF: Axes = ("expert", "embed", "mlp")  # an MoE layer's w_in / w_gate
+EXPERT_XFD: Axes = ("expert", "mlp", "embed")  # its w_out

@@ -1,11 +1,13 @@
 """The pre-norm residual block: attention (multi-head, or latent with `model.attention_kind=
 mla`) then the MLP, each added to the residual stream; and the remat policies of a block.
 
-Its own module so that it can choose among the attention and MLP modules (`layers`, `mla`),
-which import `layers` themselves. Shapes (`jaxsys.model.axes`): B batch, T sequence, D embed.
+Its own module so that it can choose among the attention modules (`layers`, `mla`, which
+imports `layers` itself); the MoE MLP comes in as the `ffn` class from `transformer`. Shapes (`jaxsys.model.axes`): B batch, T sequence, D embed.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,10 +28,14 @@ REMAT_POLICIES = {
 class Block(nn.Module):
     """Pre-norm residual block: `(x, positions, cache, segment_ids) -> (x, cache)`, the (carry,
     scanned output) signature `nn.scan` expects; the cache is None when training, the segment
-    ids (packed documents, int [B, T]) None but when packing."""
+    ids (packed documents, int [B, T]) None but when packing. `ffn`: the block's MLP, None for
+    the dense `Mlp` (submodule "mlp"), or an MoE module class (`jaxsys.model.moe.MoeMlp`,
+    submodule "moe", called as `ffn(cfg)(x, decoding)`). The attention is `mla.MLAttention`
+    with `model.attention_kind=mla`, else `layers.Attention` (submodule "attn" either way)."""
 
     cfg: ModelConfig
     deterministic: bool = True
+    ffn: Any = None
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
@@ -41,6 +47,9 @@ class Block(nn.Module):
         h_BTD, cache = attention(cfg, name="attn")(Norm(cfg, name="ln_attn")(x_BTD), positions_BT, cache,
                                                    segment_ids_BT)
         x_BTD = hooks.constrain(x_BTD + drop(h_BTD), ACT_BTD)
-        h_BTD = Mlp(cfg, name="mlp")(Norm(cfg, name="ln_mlp")(x_BTD))
+        if self.ffn is None:
+            h_BTD = Mlp(cfg, name="mlp")(Norm(cfg, name="ln_mlp")(x_BTD))
+        else:
+            h_BTD = self.ffn(cfg, name="moe")(Norm(cfg, name="ln_mlp")(x_BTD), cache is not None)
         x_BTD = hooks.constrain(x_BTD + drop(h_BTD), ACT_BTD)
         return x_BTD, cache

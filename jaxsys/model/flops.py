@@ -2,13 +2,13 @@
 transformer, in closed form from its config (for MFU and the planner's closed forms).
 
 Shapes (`jaxsys.model.axes`): D embed, H / K query / KV heads, E head size (MLA: value head),
-F MLP hidden, V vocabulary, L layers, T sequence; MLA: Q, U latent ranks, I, Y no-RoPE and RoPE
-parts of a query/key head, W = I + Y. MoE (`model.moe`): X routed experts of width F_x, k of
+F MLP hidden, V vocabulary, L layers, T sequence; MLA: q_lora, kv_lora the latent ranks, W a
+query/key head, Y its RoPE part, nope = W - Y. MoE (`model.moe`): X routed experts of width F_x, k of
 them per token, s shared experts.
 
 Per layer: attention (MHA: D·H·E + 2·D·K·E + H·E·D, + biases for gpt2 / qkv_bias; MLA:
-D·(Q + U + Y) + Q + U + Q·H·W + U·H·(I + E) + H·E·D, or D·H·W instead of the Q path with
-q_lora_rank 0), two norms, and the MLP: dense (3·D·F SwiGLU, 2·D·F + F + D GELU) or, in an
+D·(q_lora + kv_lora + Y) + q_lora + kv_lora + q_lora·H·W + kv_lora·H·(nope + E) + H·E·D, or
+D·H·W instead of the query latent's path with q_lora_rank 0), two norms, and the MLP: dense (3·D·F SwiGLU, 2·D·F + F + D GELU) or, in an
 MoE layer, a router D·X plus (X + s) experts of 3·D·F_x (SwiGLU) / 2·D·F_x (GELU, no biases).
 A token uses all of it but the X - k routed experts it is not sent to: active = total -
 (X - k) · expert size · MoE layers. Embedding V·D (+ T·D positions, gpt2), head D·V unless
@@ -26,6 +26,7 @@ import jax
 from jax.sharding import PartitionSpec
 
 from jaxsys.config import ModelConfig
+from jaxsys.model import moe as moe_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,21 +38,14 @@ class ParamCounts:
     active: int
 
 
-def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
-    """Whether layer i's MLP is an MoE layer: i >= moe.first_dense_layers and (i - first) %
-    moe.every == 0, with moe.num_experts > 0."""
-    moe = cfg.moe
-    return moe.num_experts > 0 and i >= moe.first_dense_layers and (i - moe.first_dense_layers) % moe.every == 0
-
-
 def attention_params(cfg: ModelConfig) -> int:
     """One layer's attention parameters (MHA / GQA, or MLA with its latent norms)."""
     m = cfg.resolved()
     D, H, K, E = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim
     if m.attention_kind == "mla":
-        Q, U, I, Y, Ev = m.q_lora_rank, m.kv_lora_rank, m.qk_nope_dim, m.qk_rope_dim, m.v_head_dim
-        q = D * Q + Q + Q * H * (I + Y) if Q else D * H * (I + Y)
-        return q + D * (U + Y) + U + U * H * (I + Ev) + H * Ev * D
+        q_lora, kv_lora, nope, Y, Ev = m.q_lora_rank, m.kv_lora_rank, m.qk_nope_dim, m.qk_rope_dim, m.v_head_dim
+        q = D * q_lora + q_lora + q_lora * H * (nope + Y) if q_lora else D * H * (nope + Y)
+        return q + D * (kv_lora + Y) + kv_lora + kv_lora * H * (nope + Ev) + H * Ev * D
     n = D * H * E + 2 * D * K * E + H * E * D
     if m.family == "gpt2" or m.qkv_bias:
         n += H * E + 2 * K * E
@@ -74,7 +68,7 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     inactive = 0
     for i in range(L):
         total += attention_params(m) + 2 * norm
-        if is_moe_layer(m, i):
+        if moe_lib.is_moe_layer(moe, i):
             expert = _mlp(m, moe.expert_dim or m.mlp_dim, bias=False)
             total += D * moe.num_experts + (moe.num_experts + moe.num_shared_experts) * expert
             inactive += (moe.num_experts - moe.top_k) * expert

@@ -12,6 +12,7 @@ installs parallel versions from outside, for the duration of a trace:
     embed_lookup(table, tokens)   token rows of the embedding     parallel.tensor (vocabulary-parallel lookup)
     attention(q, k, v, ...)       softmax attention               parallel.install (the Pallas kernel under shard_map)
     cross_entropy(logits, tgts)   per-token nats                  parallel.tensor (vocabulary-parallel loss)
+    experts(x, expert, slot, ...) an MoE layer's routed experts   parallel.expert (all-to-all over `expert`)
 
 `installed(hooks)` swaps the set in a `with` block (a `ContextVar`, so nested and thread-safe);
 `current()` returns the set in force. The plain versions are also the references the parallel
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxsys.model import attention as attention_lib
+from jaxsys.model import experts as experts_lib
 from jaxsys.model.axes import ACT_BTD, IN_BTD
 
 Axes = Sequence[str | None]
@@ -75,6 +77,7 @@ class Hooks:
     embed_lookup: Callable[..., jax.Array] = embed_lookup_reference
     attention: Callable[..., jax.Array] = _attention_reference
     cross_entropy: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy_reference
+    experts: Callable[..., jax.Array] = experts_lib.experts_reference
 
 
 _CURRENT: contextvars.ContextVar[Hooks] = contextvars.ContextVar("jaxsys_model_hooks", default=Hooks())
@@ -145,3 +148,16 @@ def attention(q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, *, impl: 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """Per-token next-token cross-entropy in nats, float32: [B, T]."""
     return current().cross_entropy(logits_BTV, targets_BT)
+
+
+def experts(x_BTD: jax.Array, expert_BTI: jax.Array, slot_BTI: jax.Array, weight_BTI: jax.Array,
+            w: dict[str, jax.Array], *, act: str, capacity: int, dispatch: str) -> jax.Array:
+    """An MoE layer's routed experts: y_BTD = Σ_i weight · expert(x) over the kept assignments.
+
+    `expert_BTI` int32 expert id of each of a token's I = top_k choices, `weight_BTI` its combine
+    weight (compute dtype), `slot_BTI` its position in its expert's buffer *within its row*
+    (== `capacity` when dropped). `w`: "w_in" [X, D, F], "w_out" [X, F, D] (+ "w_gate" [X, D, F]
+    for act="swiglu") at their point of use. `capacity` U per sequence (T in dropless mode);
+    `dispatch` "capacity" | "dropless" (`jaxsys.model.experts`)."""
+    return current().experts(x_BTD, expert_BTI, slot_BTI, weight_BTI, w, act=act, capacity=capacity,
+                             dispatch=dispatch)

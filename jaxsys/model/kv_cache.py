@@ -21,7 +21,8 @@ Two storage formats:
   max |x| / 127 over E), dequantized when read: a quarter of float32's bytes plus 1/E of scales.
 
 Multi-head latent attention (`model.attention_kind=mla`) caches its latent instead: one "head"
-whose key is the normed K/V latent (U wide) and whose value is the rotated RoPE key (Y wide),
+whose key is the normed K/V latent (`model.kv_lora_rank` wide) and whose value is the rotated
+RoPE key (`model.qk_rope_dim` wide),
 see `cache_dims` and `jaxsys.model.mla`.
 
 The cache type lives here, beside the attention that reads it; the allocator and the decode
@@ -76,7 +77,7 @@ def empty(batch: int, slots: int, kv_heads: int, head_dim: int, dtype: str = "fl
 def cache_dims(cfg: ModelConfig) -> tuple[int, int, int]:
     """(heads K, key width, value width) of one token's cache entry in one layer: (K, E, E)
     for multi-head / grouped-query attention; for MLA (`jaxsys.model.mla`) one "head" holding
-    the normed latent (U) as the key and the rotated RoPE key (Y) as the value."""
+    the normed latent (kv_lora_rank) as the key and the rotated RoPE key (qk_rope_dim) as the value."""
     c = cfg.resolved()
     if c.attention_kind == "mla":
         return 1, c.kv_lora_rank, c.qk_rope_dim

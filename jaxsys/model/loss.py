@@ -1,7 +1,9 @@
 """The training objective: mean next-token cross-entropy in nats per token.
 
 The per-token cross-entropy is the `cross_entropy` hook (`jaxsys.model.hooks`): plain here,
-vocabulary-parallel under tensor parallelism.
+vocabulary-parallel under tensor parallelism. `objective` is what training differentiates: the
+cross-entropy plus, for a mixture-of-experts model, its balancing terms (`jaxsys.model.moe`),
+with the sown MoE statistics beside it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxsys.model import hooks
+from jaxsys.model import hooks, moe
 from jaxsys.model.transformer import Transformer
 
 # {"inputs": int32[B, T], "targets": int32[B, T]}, and, when present:
@@ -56,16 +58,40 @@ def loss_weights(batch: Batch) -> jax.Array | None:
     return None
 
 
-def loss(model: Transformer, params: Any, batch: Batch, dropout_key: jax.Array | None) -> jax.Array:
+def loss(model: Transformer, params: Any, batch: Batch, dropout_key: jax.Array | None,
+         model_state: dict[str, Any] | None = None) -> jax.Array:
     """The model's mean loss on `batch` (see `Batch` for its keys); with dropout when
-    `dropout_key` is given."""
+    `dropout_key` is given. `model_state`: the variables besides the parameters, if the model
+    has any (the MoE loss-free bias, `{"moe_bias": ...}`)."""
     args = (batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+    variables = {"params": params, **(model_state or {})}
     if dropout_key is None:
-        logits_BTV = model.apply({"params": params}, *args)
+        logits_BTV = model.apply(variables, *args)
     else:
-        logits_BTV = model.clone(deterministic=False).apply({"params": params}, *args,
+        logits_BTV = model.clone(deterministic=False).apply(variables, *args,
                                                             rngs={"dropout": dropout_key})
     return mean_cross_entropy(logits_BTV, batch["targets"], loss_weights(batch))
+
+
+def objective(model: Transformer, params: Any, model_state: dict[str, Any], batch: Batch,
+              dropout_key: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+    """(the value the train step differentiates, (mean cross-entropy, MoE statistics)).
+
+    Dense models: (loss, (loss, {})) — the same function as `loss`. MoE models: cross-entropy
+    + `moe.penalty`, and the layers' `moe_stats` tree; `model_state` ({"moe_bias": ...} or {})
+    holds the variables that are not parameters."""
+    if not model.cfg.moe.num_experts:
+        ce = loss(model, params, batch, dropout_key)
+        return ce, (ce, {})
+    args = (batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+    variables = {"params": params, **model_state}
+    if dropout_key is None:
+        logits_BTV, sown = model.apply(variables, *args, mutable=[moe.STATS])
+    else:
+        logits_BTV, sown = model.clone(deterministic=False).apply(variables, *args, mutable=[moe.STATS],
+                                                                  rngs={"dropout": dropout_key})
+    ce = mean_cross_entropy(logits_BTV, batch["targets"], loss_weights(batch))
+    return ce + moe.penalty(sown[moe.STATS], model.cfg.moe), (ce, sown[moe.STATS])
 
 
 def token_losses(model: Transformer, params: Any, inputs_BT: jax.Array, targets_BT: jax.Array,

@@ -17,6 +17,16 @@ ties or unties either). With
 `model.scan_layers` the layers are one `nn.scan` over parameters stacked on a leading `layers`
 axis (compile time flat in depth), else `layer_0`, `layer_1`, ...
 
+With routed experts (`model.moe.num_experts` > 0; `jaxsys.model.moe`), layer i is an MoE block
+(submodule `moe` in place of `mlp`) when `moe.is_moe_layer(i)`. Unrolled, the layers stay
+`layer_0`, `layer_1`, ...; scanned, the stack is cut into homogeneous scans, in layer order:
+`dense_layers` (the `first_dense_layers` leading dense blocks, stacked), `moe_layers` (G groups
+of `every` layers: an MoE block then every − 1 dense ones, `block_0` .. as a `MoeGroup`, or
+the MoE block itself when every = 1, stacked on G) and `tail` (a last, shorter group, not
+stacked, when the layers after the dense ones are not a multiple of `every`). A dense model's
+tree is exactly as without MoE. The loss-free bias (collection `moe_bias`) and the sown
+statistics (`moe_stats`) are stacked like the parameters.
+
 `decode` is the same pass over new tokens at given positions, reading and writing a KV cache
 (`jaxsys.model.kv_cache`): one `LayerCache` per layer (a tuple), or one stacked on L under
 `scan_layers`. The training path never sees a cache.
@@ -34,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsys.config import ModelConfig
-from jaxsys.model import hooks
+from jaxsys.model import hooks, moe
 from jaxsys.model.axes import ACT_BTD, LOGITS_BTV
 from jaxsys.model.block import REMAT_POLICIES, Block
 from jaxsys.model.layers import Norm
@@ -47,6 +57,41 @@ def _declare(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[s
     """A normal(0, 0.02) parameter with logical axes, as stored (see `hooks.stored_shape`)."""
     init = nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
     return module.param(name, init, hooks.stored_shape(shape, axes), dtype)
+
+
+def _block_class(c: ModelConfig) -> Any:
+    """`Block`, wrapped in the model's remat policy when `model.remat` asks for one."""
+    if c.remat == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+
+
+def segments(c: ModelConfig) -> list[tuple[str, int, int]]:
+    """The scanned layer stacks of an MoE model, in layer order: (name, layers per element,
+    elements); `tail` is one unstacked element. See the module docstring."""
+    m = c.moe
+    fd = min(m.first_dense_layers, c.num_layers)
+    groups, rest = divmod(c.num_layers - fd, m.every)
+    out = [("dense_layers", 1, fd), ("moe_layers", m.every, groups), ("tail", rest, 1)]
+    return [(name, size, n) for name, size, n in out if size and n]
+
+
+class MoeGroup(nn.Module):
+    """`size` consecutive layers: an MoE block (`block_0`) then size − 1 dense ones; the
+    element of a scanned MoE stack when `model.moe.every` > 1. Block's call signature."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+    size: int = 1
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, cache: Any = None,
+                 segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, Any]:
+        block = _block_class(self.cfg)
+        for j in range(self.size):
+            x_BTD, _ = block(self.cfg, self.deterministic, moe.MoeMlp if j == 0 else None, name=f"block_{j}")(
+                x_BTD, positions_BT, None, segment_ids_BT)
+        return x_BTD, None
 
 
 class Transformer(nn.Module):
@@ -65,10 +110,10 @@ class Transformer(nn.Module):
         # Dropout of the embedding's output; named as Flax names an inline module, which keeps
         # the dropout key stream (and so the masks) of earlier versions.
         self.Dropout_0 = nn.Dropout(c.dropout, deterministic=self.deterministic)
-        block = Block
-        if c.remat != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
-        if c.scan_layers:
+        block = _block_class(c)
+        if c.moe.num_experts:
+            self._moe_layers(c, block)
+        elif c.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, 0, nn.broadcast), length=c.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
@@ -78,6 +123,26 @@ class Transformer(nn.Module):
         self.ln_final = Norm(c)
         if not c.tied_head:
             self.head_DV = _declare(self, "head", (c.embed_dim, c.vocab_size), ("embed", "vocab"), pdt)
+
+    def _moe_layers(self, c: ModelConfig, block: Any) -> None:
+        """The layers of an MoE model: unrolled `layer_i`, or the scanned `segments`."""
+        if not c.scan_layers:
+            self.layer = [block(c, self.deterministic, moe.MoeMlp if moe.is_moe_layer(c.moe, i) else None)
+                          for i in range(c.num_layers)]
+            return
+        for name, size, n in segments(c):
+            if name == "tail":
+                setattr(self, name, MoeGroup(c, self.deterministic, size))
+                continue
+            element = block if size == 1 else MoeGroup
+            args = (c, self.deterministic) + ((moe.MoeMlp,) if name == "moe_layers" and size == 1 else ())
+            if size > 1:
+                args = (c, self.deterministic, size)
+            stack = nn.scan(element, variable_axes={"params": 0, moe.BIAS: 0, moe.STATS: 0},
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=(nn.broadcast, 0, nn.broadcast), length=n,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            setattr(self, name, stack(*args))
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
                  segment_ids_BT: jax.Array | None = None) -> jax.Array:
@@ -129,6 +194,12 @@ class Transformer(nn.Module):
 
     def _layers(self, x_BTD: jax.Array, positions_BT: jax.Array, caches: Any,
                 segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, Any]:
+        if self.c.scan_layers and self.c.moe.num_experts:
+            if caches is not None:
+                raise ValueError("decoding a scanned MoE model: unroll its layers first (unstack_layers)")
+            for name, _, _ in segments(self.c):
+                x_BTD, _ = getattr(self, name)(x_BTD, positions_BT, None, segment_ids_BT)
+            return x_BTD, None
         if self.c.scan_layers:
             return self.layers(x_BTD, positions_BT, caches, segment_ids_BT)
         new = []
@@ -175,11 +246,33 @@ def unstack_layers(cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
     slots on CPU), where separate per-layer caches are updated in place."""
     if not cfg.scan_layers:
         return cfg, params
-    layers = params["layers"]
-    out = {k: v for k, v in params.items() if k != "layers"}
-    for i in range(cfg.num_layers):
-        out[f"layer_{i}"] = jax.tree_util.tree_map(lambda x: x[i], layers)
-    return dataclasses.replace(cfg, scan_layers=False), out
+    return dataclasses.replace(cfg, scan_layers=False), unstack_tree(cfg, params)
+
+
+def unstack_tree(cfg: ModelConfig, tree: Any) -> Any:
+    """A scanned model's variable tree (parameters, or the `moe_bias` collection, which holds
+    only MoE layers) as the unrolled model's `layer_0`, `layer_1`, ... (see `unstack_layers`)."""
+    at = lambda t, i: jax.tree_util.tree_map(lambda x: x[i], t)  # noqa: E731
+    if not cfg.moe.num_experts:
+        out = {k: v for k, v in tree.items() if k != "layers"}
+        for i in range(cfg.num_layers):
+            out[f"layer_{i}"] = at(tree["layers"], i)
+        return out
+    names = [name for name, _, _ in segments(cfg)]
+    out = {k: v for k, v in tree.items() if k not in names}
+    i = 0
+    for name, size, n in segments(cfg):
+        grouped = name == "tail" or size > 1  # a MoeGroup: its layers are block_0, block_1, ...
+        for g in range(n):
+            element = tree.get(name)
+            if element is not None and name != "tail":
+                element = at(element, g)
+            for j in range(size):
+                layer = element.get(f"block_{j}") if grouped and element is not None else element
+                if layer is not None:  # the bias tree has no dense layers
+                    out[f"layer_{i}"] = layer
+                i += 1
+    return out
 
 
 def abstract_params(cfg: ModelConfig) -> tuple[Any, Any]:
@@ -192,4 +285,20 @@ def abstract_params(cfg: ModelConfig) -> tuple[Any, Any]:
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> Any:
     """Freshly initialised parameters (a nested dict of arrays) for `cfg` from `key`."""
-    return nn.meta.unbox(Transformer(cfg).init(key, jnp.zeros((1, cfg.seq_len), jnp.int32))["params"])
+    return init_variables(cfg, key)[0]
+
+
+def init_variables(cfg: ModelConfig, key: jax.Array) -> tuple[Any, dict[str, Any]]:
+    """(parameters, model state) freshly initialised from `key`; the model state holds the
+    variables that are not parameters and are carried between steps (`{"moe_bias": tree}` with
+    the loss-free balancing on, else `{}`). The parameters are `init_params`' exactly."""
+    out = Transformer(cfg).init(key, jnp.zeros((1, cfg.seq_len), jnp.int32))
+    state = {k: v for k, v in out.items() if k not in ("params", moe.STATS)}
+    return nn.meta.unbox(out["params"]), state
+
+
+def abstract_model_state(cfg: ModelConfig) -> dict[str, Any]:
+    """The model state of `init_variables` as a tree of `jax.ShapeDtypeStruct` ({} if none)."""
+    if not (cfg.moe.num_experts and cfg.moe.bias_update_rate > 0):
+        return {}  # no trace of the initialiser for a model without state
+    return jax.eval_shape(lambda k: init_variables(cfg, k)[1], jax.random.key(0))

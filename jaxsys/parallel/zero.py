@@ -175,7 +175,9 @@ def make_synced_grads(cfg: Config, mesh: Mesh, logical_specs: Any,
             key = jax.random.fold_in(key, jax.lax.axis_index(SYNC_AXES))
         with hooks.installed(gathering_weights(hooks.current(), param_rules(cfg.mesh))):
             loss, grads = accumulate(grad_fn, params, batch, key, plan.scatter_early)
-        return psum_live(loss, SYNC_AXES, plan.sizes) / ways, plan.finish(grads)
+        # The loss (or (loss, MoE stats), a tree of per-device means) averaged over the devices.
+        mean = lambda v: psum_live(v, SYNC_AXES, plan.sizes) / ways  # noqa: E731
+        return jax.tree_util.tree_map(mean, loss), plan.finish(grads)
 
     in_params, out_grads = plan.specs(plan.stored), plan.specs(plan.out)
 

@@ -108,7 +108,7 @@ def closed_form_comm(cfg: Config, sizes: dict[str, int], tp_param_bytes: float) 
     over context with data's, and adds its attention's collectives (`closed_form_context`).
     MLA without SP: `_mla_latent_units`; with SP the formula is MHA's (measured on a tiny MLA
     model at tensor=4: 4 all-gathers and 3 reduce-scatters of b·T·D per block plus all-reduces
-    of about b·T·(Q + U + Y + 8.5): not modelled)."""
+    of about b·T·(q_lora + kv_lora + Y + 8.5): not modelled)."""
     m, M = cfg.model.resolved(), cfg.train.grad_accum
     t, z, d, c = sizes["tensor"], sizes["fsdp"], sizes["data"], sizes.get("context", 1)
     out = {k: 0.0 for k in hlo_stats.KINDS}
@@ -139,8 +139,8 @@ def _mla_latent_units(m: Any) -> tuple[int, float]:
     """MLA under tensor parallelism without SP (measured in the compiled HLO): the backward
     all-reduces each latent's cotangent, summed over the heads of wq_b / wkv_b, instead of
     the b·T·D of x: (the all-reduces of b·T·D it drops per layer, the latent all-reduces it
-    adds in units of b·T·D): with a query latent (1, (Q + U + Y) / D), without one (0, (U + Y)
-    / D), wq's dx all-reduce staying. (0, 0) for MHA."""
+    adds in units of b·T·D): with a query latent (1, (q_lora + kv_lora + Y) / D), without one (0,
+    (kv_lora + Y) / D), wq's dx all-reduce staying. (0, 0) for MHA."""
     if m.attention_kind != "mla":
         return 0, 0.0
     if m.q_lora_rank:
@@ -297,7 +297,7 @@ def long_sequence(cfg: Config) -> bool:
 
 def _width_units(m: Any) -> float:
     """A of the activation formula: QKV, attention output and MLP activations in units of D
-    (MLA: its latents Q + U + Y, queries and keys H·W, values and output H·E; dense MLP width
+    (MLA: its latents q_lora + kv_lora + Y, queries and keys H·W, values and output H·E; dense MLP width
     counted for every layer, MoE layers not modelled)."""
     mlp = (2 if m.family == "gpt2" else 3) * m.mlp_dim / m.embed_dim
     if m.attention_kind == "mla":

@@ -87,14 +87,16 @@ def val_batches(corpus: Corpus, cfg: Config, sharding: jax.sharding.Sharding,
                                      cfg.model.seq_len, sharding) for i in range(num_batches)]
 
 
-def evaluate(eval_step: Any, params: Any, batches: list[dict[str, jax.Array]]) -> float:
+def evaluate(eval_step: Any, params: Any, batches: list[dict[str, jax.Array]],
+             model_state: dict[str, Any] | None = None) -> float:
     """Mean loss over `batches`, one batch at a time.
 
     Not all dispatched at once: XLA:CPU runs independent multi-device programs concurrently on
     a small thread pool, and two programs whose all-reduces each hold one device's thread while
     waiting for the other device can deadlock (measured: `jaxsys train --devices 2` aborted in
     its final eval, after XLA's 40 s rendezvous timeout)."""
-    return sum(float(eval_step(params, b)) for b in batches) / len(batches)
+    extra = (model_state,) if model_state else ()  # the MoE loss-free bias (compile_eval_step)
+    return sum(float(eval_step(params, b, *extra)) for b in batches) / len(batches)
 
 
 # ----------------------------------------------------------------------------- phases
@@ -354,7 +356,7 @@ class _Loop:
         return step, state
 
     def _evaluate(self, done: int, state: Any) -> None:
-        self.val_loss = evaluate(self.eval_fn, state.params, self.val_data)
+        self.val_loss = evaluate(self.eval_fn, state.params, self.val_data, state.model_state)
         if self.writer is not None:
             self.writer.write(done, {"val_loss": self.val_loss})
         msg = f"step {done}: train loss {self.rb.last_loss:.4f}, val loss {self.val_loss:.4f}"

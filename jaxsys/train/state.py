@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxsys import config as config_lib
 from jaxsys.config import Config
-from jaxsys.model.transformer import Transformer, abstract_params, init_params
+from jaxsys.model.transformer import Transformer, abstract_model_state, abstract_params, init_variables
 from jaxsys.parallel import rules
 from jaxsys.parallel.install import parallelize
 from jaxsys.parallel.layout import check_layout
@@ -33,6 +33,9 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Any
     opt_state: Any
+    # The model's variables that are not parameters, updated by the step outside the optimizer:
+    # {"moe_bias": tree} (the MoE loss-free balancing bias, jaxsys.model.moe), else {}.
+    model_state: Any = flax.struct.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,8 @@ def setup(cfg: Config, mesh: Mesh) -> Setup:
     # counters and other non-parameter leaves are replicated.
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, moment_sh,
                                    transform_non_params=lambda _: replicated(mesh))
-    state_sh = TrainState(step=replicated(mesh), params=param_sh, opt_state=opt_sh)
+    model_state_sh = jax.tree_util.tree_map(lambda _: replicated(mesh), abstract_model_state(cfg.model))
+    state_sh = TrainState(step=replicated(mesh), params=param_sh, opt_state=opt_sh, model_state=model_state_sh)
     return Setup(cfg, mesh, model, tx, lr_schedule, params, logical_specs, state_sh,
                  rules.batch_sharding(mesh),
                  grad_sharding=rules.param_shardings(logical_specs, mesh, rules.grad_rules(cfg.mesh)),
@@ -81,8 +85,9 @@ def setup(cfg: Config, mesh: Mesh) -> Setup:
 def init_state(s: Setup, seed: int) -> TrainState:
     """Initialise parameters and optimizer state directly in their shardings."""
     def init(key: jax.Array) -> TrainState:
-        params = init_params(s.cfg.model, key)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=s.tx.init(params))
+        params, model_state = init_variables(s.cfg.model, key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=s.tx.init(params),
+                          model_state=model_state)
     with parallelize(s.mesh, s.activation_rules, s.cfg.context_parallel):
         return jax.jit(init, out_shardings=s.state_sharding)(jax.random.key(seed))
 
@@ -91,7 +96,10 @@ def state_from_params(s: Setup, params: Any) -> TrainState:
     """A train state at step 0 holding `params` (already in their shardings) and a fresh
     optimizer state: the start of a fine-tune from a params-only checkpoint."""
     def init(p: Any) -> TrainState:
-        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=s.tx.init(p))
+        model_state = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                             abstract_model_state(s.cfg.model))  # a fresh bias
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=s.tx.init(p),
+                          model_state=model_state)
     with parallelize(s.mesh, s.activation_rules, s.cfg.context_parallel):
         return jax.jit(init, out_shardings=s.state_sharding, donate_argnums=0)(params)
 
@@ -99,4 +107,5 @@ def state_from_params(s: Setup, params: Any) -> TrainState:
 def abstract_state(s: Setup) -> TrainState:
     """The `TrainState` as a tree of `jax.ShapeDtypeStruct` (no shardings)."""
     return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=s.abstract_params,
-                      opt_state=jax.eval_shape(s.tx.init, s.abstract_params))
+                      opt_state=jax.eval_shape(s.tx.init, s.abstract_params),
+                      model_state=abstract_model_state(s.cfg.model))

@@ -20,9 +20,9 @@ import optax
 
 from jaxsys.config import Config
 from jaxsys.data.batches import split_microbatches
-from jaxsys.model import hooks
+from jaxsys.model import hooks, moe
 from jaxsys.model.axes import TOKENS_BT
-from jaxsys.model.loss import Batch, loss, normalize_loss_mask
+from jaxsys.model.loss import Batch, loss, normalize_loss_mask, objective
 from jaxsys.parallel import context, zero
 from jaxsys.parallel.install import parallelize
 from jaxsys.parallel.mesh import replicated
@@ -41,7 +41,11 @@ def accumulate(grad_fn: GradFn, params: Any, batch: Batch, key: jax.Array | None
     arrays, microbatch i = rows i, i + A, ...), summed in float32 inside one `lax.scan` (one
     optimizer update per call, one compile; optax.MultiSteps would need A host calls).
     `per_micro` is applied to each microbatch's gradients (a ZeRO-2 reduce-scatter, or a
-    sharding constraint) before they are added up."""
+    sharding constraint) before they are added up.
+
+    `grad_fn` may return `((loss, stats), grads)` instead of `(loss, grads)`: `stats` a tree of
+    per-microbatch means (the MoE statistics), returned as their mean over the microbatches,
+    which is the whole batch's mean since the microbatches are of equal size."""
     if num_micro == 1:
         loss_, grads = grad_fn(params, batch, key)
         return loss_, per_micro(grads)
@@ -54,22 +58,29 @@ def accumulate(grad_fn: GradFn, params: Any, batch: Batch, key: jax.Array | None
         i, mb = xs
         k = None if key is None else jax.random.fold_in(key, i)
         loss_, grads = grad_fn(params, mb, k)
+        loss_, stats = loss_ if isinstance(loss_, tuple) else (loss_, None)
         grad_sum = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grad_sum, per_micro(grads))
-        return (loss_sum + loss_, grad_sum), None
+        return (loss_sum + loss_, grad_sum), stats
 
     # Sum in float32 whatever the parameter dtype, so A microbatches equal one batch.
     shapes = jax.eval_shape(per_micro, params)
     zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes)
-    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                           (jnp.arange(num_micro), jax.tree_util.tree_map(split, batch)))
+    (loss_sum, grad_sum), stats_A = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                                 (jnp.arange(num_micro), jax.tree_util.tree_map(split, batch)))
     grads = jax.tree_util.tree_map(lambda a, x: (a / num_micro).astype(x.dtype), grad_sum, shapes)
-    return loss_sum / num_micro, grads
+    if stats_A is None:
+        return loss_sum / num_micro, grads
+    return (loss_sum / num_micro, jax.tree_util.tree_map(lambda v: v.mean(0), stats_A)), grads
 
 
-def _loss_and_grads(s: Setup) -> GradFn:
-    """`(params, batch, key) -> (mean loss, grads)` of one step, by the strategy the mesh asks for."""
+def _loss_and_grads(s: Setup, model_state: dict[str, Any]) -> GradFn:
+    """`(params, batch, key) -> (mean loss, grads)` of one step, by the strategy the mesh asks for;
+    for an MoE model `((mean cross-entropy, MoE stats), grads)`, the gradients those of
+    `loss.objective` (cross-entropy + balancing terms) with `model_state` held fixed."""
     cfg = s.cfg
     grad_fn: GradFn = jax.value_and_grad(lambda p, b, k: loss(s.model, p, b, k))
+    if cfg.model.moe.num_experts:
+        grad_fn = lambda p, b, k: _moe_grads(s, model_state, p, b, k)  # noqa: E731
     if s.mesh.shape["pipe"] > 1:  # the pipeline computes loss and gradients itself (no dropout)
         prog = compile_schedule(make_schedule(cfg, s.mesh.shape["pipe"]))
         grad_fn = lambda p, b, k: pipeline_grads(cfg, s.mesh, prog, p, b)[:2]  # noqa: E731
@@ -85,6 +96,14 @@ def _loss_and_grads(s: Setup) -> GradFn:
     return xla_synced
 
 
+def _moe_grads(s: Setup, model_state: dict[str, Any], params: Any, batch: Batch,
+               key: Any) -> tuple[tuple[jax.Array, Any], Any]:
+    """((cross-entropy, MoE stats), gradients of cross-entropy + the balancing terms)."""
+    (_, (ce, stats)), grads = jax.value_and_grad(
+        lambda p: objective(s.model, p, model_state, batch, key), has_aux=True)(params)
+    return (ce, stats), grads
+
+
 def _poison(cfg: Config, step: jax.Array, loss_: jax.Array, grads: Any) -> tuple[jax.Array, Any]:
     """Fault injection (`faults.nan_steps`): NaN loss and gradients at the chosen steps."""
     nan_steps = jnp.asarray(cfg.faults.nan_steps, jnp.int32)
@@ -97,13 +116,14 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
     cfg = s.cfg
     use_dropout = cfg.model.dropout > 0.0
     base_key = jax.random.key(cfg.train.seed + 1)
-    loss_and_grads = _loss_and_grads(s)
+    moe_on = bool(cfg.model.moe.num_experts)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(base_key, state.step) if use_dropout else None
         batch = normalize_loss_mask(batch)  # packed documents: weights over the whole batch
         batch = context.reorder_batch(cfg, s.mesh.shape["context"], batch)  # zigzag, if on
-        loss_, grads = loss_and_grads(state.params, batch, key)
+        loss_, grads = _loss_and_grads(s, state.model_state)(state.params, batch, key)
+        loss_, stats = loss_ if moe_on else (loss_, None)
         if cfg.faults.nan_steps:
             loss_, grads = _poison(cfg, state.step, loss_, grads)
         updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
@@ -111,7 +131,15 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
         metrics = {"loss": loss_, "grad_norm": optax.global_norm(grads), "lr": s.lr_schedule(state.step),
                    "skipped": 1.0 - opt_state.last_finite.astype(jnp.float32),
                    "skipped_total": opt_state.total_notfinite.astype(jnp.float32)}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        model_state = state.model_state
+        if moe_on:
+            metrics.update(moe.step_metrics(stats))
+            # The loss-free bias moves after the update, from the whole step's load; not on a skipped step.
+            moved = moe.update_bias(model_state, stats, cfg.model.moe.bias_update_rate)
+            model_state = jax.tree_util.tree_map(lambda new, old: jnp.where(opt_state.last_finite, new, old),
+                                                 moved, model_state)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                          model_state=model_state), metrics
 
     return train_step
 
@@ -139,11 +167,18 @@ def compile_train_step(s: Setup, batch_keys: tuple[str, ...] = ("inputs", "targe
 
 
 def compile_eval_step(s: Setup, batch_size: int, batch_keys: tuple[str, ...] = ("inputs", "targets")) -> Any:
-    """Compiled `eval_step(params, batch) -> loss` (no dropout), for batches of `batch_keys`."""
+    """Compiled `eval_step(params, batch) -> loss` (cross-entropy, no dropout), for batches of
+    `batch_keys`. A model with non-parameter state (the MoE loss-free bias) takes it third:
+    `eval_step(params, batch, model_state)` (`jaxsys.train.loop.evaluate` passes it)."""
     param_abstract = with_shardings(s.abstract_params, s.state_sharding.params)
     reorder = functools.partial(context.reorder_batch, s.cfg, s.mesh.shape["context"])
-    fn = jax.jit(lambda p, b: loss(s.model, p, reorder(normalize_loss_mask(b)), None),
-                 in_shardings=(s.state_sharding.params, s.batch_sharding),
-                 out_shardings=replicated(s.mesh))
+    args = (param_abstract, abstract_batch(s, batch_size, batch_keys))
+    shardings = (s.state_sharding.params, s.batch_sharding)
+    fn = lambda p, b: loss(s.model, p, reorder(normalize_loss_mask(b)), None)  # noqa: E731
+    if s.state_sharding.model_state:
+        args += (with_shardings(abstract_state(s).model_state, s.state_sharding.model_state),)
+        shardings += (s.state_sharding.model_state,)
+        fn = lambda p, b, ms: loss(s.model, p, reorder(normalize_loss_mask(b)), None, ms)  # noqa: E731
+    step = jax.jit(fn, in_shardings=shardings, out_shardings=replicated(s.mesh))
     with parallelize(s.mesh, s.activation_rules, s.cfg.context_parallel):
-        return fn.lower(param_abstract, abstract_batch(s, batch_size, batch_keys)).compile()
+        return step.lower(*args).compile()

@@ -29,12 +29,12 @@ from jaxsys.model.mla import MLAttention
 from jaxsys.model.transformer import Transformer, init_params
 
 B, T, D, H = 2, 16, 32, 4
-I, Y, E = 8, 4, 6  # E != I + Y: values narrower than queries
+NOPE, Y, E = 8, 4, 6  # E != NOPE + Y: values narrower than queries
 
 
 def _cfg(q_lora_rank: int = 12, **kw):
     return dataclasses.replace(tiny().model, family="llama", attention_kind="mla", embed_dim=D, num_heads=H,
-                               q_lora_rank=q_lora_rank, kv_lora_rank=16, qk_nope_dim=I, qk_rope_dim=Y,
+                               q_lora_rank=q_lora_rank, kv_lora_rank=16, qk_nope_dim=NOPE, qk_rope_dim=Y,
                                v_head_dim=E, rope_theta=100.0, **kw).resolved()
 
 
@@ -60,12 +60,12 @@ def _reference(p, x, pos, seg, cfg):
         q = jnp.einsum("btd,dhw->bthw", x, p["wq"])
     ckv = x @ p["wkv_a"]  # [B, T, U + Y]
     c = _rms(ckv[..., :U], p["kv_norm"], cfg.norm_eps)
-    k_nope = jnp.einsum("btu,uhi->bthi", c, p["wkv_b"][:, :, :I])
-    v = jnp.einsum("btu,uhe->bthe", c, p["wkv_b"][:, :, I:])
+    k_nope = jnp.einsum("btu,uhi->bthi", c, p["wkv_b"][:, :, :NOPE])
+    v = jnp.einsum("btu,uhe->bthe", c, p["wkv_b"][:, :, NOPE:])
     k_rope = _rope64(ckv[:, :, None, U:], pos, cfg.rope_theta)  # one per token
-    q = jnp.concatenate([q[..., :I], _rope64(q[..., I:], pos, cfg.rope_theta)], -1)
+    q = jnp.concatenate([q[..., :NOPE], _rope64(q[..., NOPE:], pos, cfg.rope_theta)], -1)
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3], Y))], -1)
-    s = jnp.einsum("bthw,bshw->bhts", q, k) / math.sqrt(I + Y)
+    s = jnp.einsum("bthw,bshw->bhts", q, k) / math.sqrt(NOPE + Y)
     mask = (np.arange(x.shape[1])[:, None] >= np.arange(x.shape[1])[None, :])[None]
     if seg is not None:
         mask = mask & (seg[:, :, None] == seg[:, None, :])
