@@ -23,7 +23,8 @@ LAYOUTS = {
     "data=2,tensor=4": ("mesh.data=2", "mesh.tensor=4"),
     "fsdp=2,tensor=2,data=2": ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"),
 }
-CASES = [("tensor=2", False), ("data=2,tensor=4", True),
+CASES = [("data=2,tensor=4", True),
+         pytest.param("tensor=2", False, marks=pytest.mark.slow),
          pytest.param("data=2,tensor=4", False, marks=pytest.mark.slow),
          pytest.param("fsdp=2,tensor=2,data=2", True, marks=pytest.mark.slow)]
 

@@ -93,12 +93,12 @@ def _params(cfg, seed=1):
             for k, v in p.items()}
 
 
-# Default: each q path once, one of them packed, and the Pallas kernel (interpret mode) with
-# values wider than queries (E = 16 > W = 12: q and k padded, q rescaled); the other
-# combinations with --runslow.
+# Default: each q path once, one of them packed; with --runslow the other combinations and the
+# Pallas kernel (interpret mode) with values wider (E = 16 > W = 12: q and k padded, q
+# rescaled) and narrower (V padded) than queries.
 CASES = [pytest.param(12, True, "xla", E, id="q_lora-segments"),
          pytest.param(0, False, "xla", E, id="q_direct-one_doc"),
-         pytest.param(12, True, "pallas", 16, id="pallas-v_wider-segments"),
+         pytest.param(12, True, "pallas", 16, id="pallas-v_wider-segments", marks=pytest.mark.slow),
          pytest.param(12, False, "xla", E, id="q_lora-one_doc", marks=pytest.mark.slow),
          pytest.param(0, True, "xla", E, id="q_direct-segments", marks=pytest.mark.slow),
          pytest.param(0, True, "pallas", E, id="pallas-v_narrower-segments", marks=pytest.mark.slow)]
@@ -182,6 +182,7 @@ def test_latent_cache_decode_equals_the_forward_pass(scan):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # the cache arithmetic is the test above; this is its engine (22 s)
 def test_generator_greedy_equals_recompute():
     """`jaxsys sample`'s engine (`Generator`, latent cache) and the no-cache sampler agree on a
     greedy continuation of an MLA model."""
