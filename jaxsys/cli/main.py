@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "memory, collectives and a roofline step time")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--preset", default=None,
-                       help="shakespeare (default), tiny, gpt2-small or llama-1b")
+                       help="shakespeare (default), tiny, gpt2-small, llama-1b, deepseek-tiny; for plan "
+                            "also deepseek-v3, mixtral-8x7b")
         p.add_argument("--config", default=None, metavar="FILE",
                        help="start from a saved config (a run's config.json) instead of a preset; "
                             "overrides still apply")

@@ -22,8 +22,9 @@ meaning for them.
     I  a token's expert choices (`model.moe.top_k`)
     U  capacity: slots of one expert's buffer per sequence (`jaxsys.model.moe.capacity`)
 
-Multi-head latent attention (`model.attention_kind=mla`, `jaxsys.model.mla`); E is then the
-value head size (`model.v_head_dim`), the size the output projection reads per head:
+Multi-head latent attention (`model.attention_kind=mla`, `jaxsys.model.mla`), with the three
+letters the alphabet had left; E is then the value head size (`model.v_head_dim`), the size the
+output projection reads per head:
 
     Q  a latent's rank: the query latent's (`model.q_lora_rank`) or the K/V latent's
        (`model.kv_lora_rank`); an array holds one of them and its name says which (cq_BTQ, ckv_BTQ)
