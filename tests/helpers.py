@@ -40,7 +40,7 @@ def tiny_cfg(*overrides: str) -> Config:
 
 def layout(cfg: Config) -> Setup:
     """Setup on exactly as many devices as the mesh asks for (1 when every axis is 1)."""
-    sizes = [getattr(cfg.mesh, a) for a in ("data", "fsdp", "context", "tensor", "pipe")]
+    sizes = [getattr(cfg.mesh, a) for a in ("data", "fsdp", "expert", "context", "tensor", "pipe")]
     n = math.prod(sizes) if -1 not in sizes else len(jax.devices())
     return setup(cfg, make_mesh(cfg.mesh, jax.devices()[:n]))
 

@@ -58,7 +58,7 @@ def _validate_ranges(cfg: Config) -> None:
     if unknown:
         raise ConfigError(f"checkpoint.allow_changes: unknown config key '{unknown[0]}'."
                           f"{suggest(unknown[0], all_keys())}")
-    for axis in ("data", "fsdp", "context", "tensor", "pipe"):
+    for axis in ("data", "fsdp", "expert", "context", "tensor", "pipe"):
         size = getattr(cfg.mesh, axis)
         if size == 0 or size < -1:
             raise ConfigError(f"mesh.{axis}={size} is invalid; axis sizes are ≥ 1 (or -1 for 'the rest').")
@@ -114,6 +114,7 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}.")
     _validate_pipeline(cfg)
+    _validate_expert_parallel(cfg)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}.")
     _validate_data(cfg)
@@ -293,3 +294,22 @@ def _validate_pipeline(cfg: Config) -> None:
             f"The per-microbatch batch of {step_batch} sequences (train.batch_size / train.grad_accum) "
             f"is not divisible by pipeline.microbatches={micro}; use a train.batch_size that is a "
             f"multiple of {micro * cfg.train.grad_accum}.")
+
+
+def _validate_expert_parallel(cfg: Config) -> None:
+    """The `expert` mesh axis against the MoE shape (`jaxsys.parallel.expert`). On a dense model
+    `mesh.expert` > 1 is allowed: it splits the batch like `mesh.data` (the batch is split over
+    data × fsdp × expert whatever the model), so a layout can be tried dense and sparse alike."""
+    mesh, moe = cfg.mesh, cfg.model.moe
+    if moe.num_experts <= 0:
+        return
+    e, t = mesh.expert, mesh.tensor
+    if e > 1 and moe.num_experts % e:
+        divisors = [d for d in range(1, e + 1) if moe.num_experts % d == 0]
+        raise ConfigError(f"model.moe.num_experts={moe.num_experts} is not divisible by mesh.expert={e} "
+                          f"(each device holds num_experts / mesh.expert experts); use mesh.expert="
+                          f"{max(divisors)} or a multiple of {e} experts.")
+    F = moe.expert_dim or cfg.model.resolved().mlp_dim
+    if t > 1 and F % t:
+        raise ConfigError(f"The experts' hidden size {F} (model.moe.expert_dim, 0 = model.mlp_dim) is not "
+                          f"divisible by mesh.tensor={t}; use an expert_dim that is a multiple of {t}.")

@@ -12,6 +12,8 @@ the block, every hook of `jaxsys.model.hooks` is the version for `mesh` under th
                             with mesh.context > 1, `jaxsys.parallel.context` (all-gather, ring, Ulysses)
     stored_shape            unchanged; `jaxsys.parallel.zero` swaps it (and use_weight) for the
                             ZeRO-3 gather inside its manual region
+    experts                 with mesh.expert > 1, the all-to-all dispatch and combine of
+                            `jaxsys.parallel.expert`; else the plain version (XLA partitions it)
 
 The pipeline executor traces its stages with the plain hooks (`hooks.installed(hooks.Hooks())`):
 inside its shard_map the layout follows from the inputs.
@@ -30,6 +32,7 @@ from jaxsys.config import ContextParallelConfig
 
 from jaxsys.model import attention as attention_lib
 from jaxsys.model import hooks
+from jaxsys.parallel import expert as expert_lib
 from jaxsys.parallel import tensor
 from jaxsys.parallel import context as context_lib
 from jaxsys.parallel.manual import constrain_to, dividing_spec, shard_map
@@ -61,13 +64,17 @@ def sharded_attention(mesh: Mesh, rules: Rules, q_BTHE: jax.Array, k_BSKE: jax.A
 def parallel_hooks(mesh: Mesh, rules: Rules = ACTIVATION_RULES,
                    context: ContextParallelConfig | None = None) -> hooks.Hooks:
     """The model's hooks for `mesh` under the activation `rules`; on a mesh whose `context`
-    axis is > 1, attention is context-parallel as `context` says (default: ring, zigzag)."""
+    axis is > 1, attention is context-parallel as `context` says (default: ring, zigzag); on one
+    whose `expert` axis is > 1 the MoE experts are expert-parallel."""
     constrain = functools.partial(constrain_to, mesh, rules)
     attention = functools.partial(sharded_attention, mesh, rules)
     if dict(mesh.shape).get("context", 1) > 1:
         attention = functools.partial(context_lib.context_attention, mesh, rules,
                                       context or ContextParallelConfig())
+    plain = hooks.Hooks()
+    experts = expert_lib.experts_hook(mesh, rules, plain.experts) if expert_lib.used(mesh) else plain.experts
     return hooks.Hooks(
+        experts=experts,
         constrain=constrain,
         use_weight=constrain,  # stored by PARAM_RULES, used by the activation rules
         column_matmul=functools.partial(tensor.column_parallel, mesh, rules),

@@ -2,7 +2,7 @@
 
 `check_layout` raises `ConfigError` (naming the key, the sizes and a fix) for a mesh that does
 not match `cfg.mesh`, a head, vocabulary or sequence count that does not divide over `tensor`, a
-batch that does not divide over data × fsdp (per accumulation microbatch and, with a pipeline,
+batch that does not divide over data × fsdp × expert (per accumulation microbatch and, with a pipeline,
 per pipeline microbatch), a pipeline schedule that cannot be built, and any parameter dimension
 that does not divide over the mesh axes its rules split it on. Checks that need no mesh are in
 `jaxsys.config.checks`; checks of the data in `jaxsys.data.corpus.check_corpus`.
@@ -19,7 +19,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxsys.config import Config, ConfigError
 from jaxsys.model.params import path_str
 from jaxsys.parallel.context import check_context
-from jaxsys.parallel.mesh import resolve_mesh_shape
+from jaxsys.parallel.mesh import batch_ways, resolve_mesh_shape
 from jaxsys.parallel.pipeline.program import make_schedule
 from jaxsys.parallel.rules import logical_to_spec, optimizer_rules
 
@@ -51,14 +51,14 @@ def check_layout(cfg: Config, mesh: Mesh, abstract_params: Any, logical_specs: A
             f"model.seq_len={m.seq_len} is not divisible by mesh.tensor={tensor}; use a seq_len "
             f"that is a multiple of {tensor} or set mesh.sequence_parallel=false."
         )
-    data_ways = sizes["data"] * sizes["fsdp"]
+    data_ways = batch_ways(sizes)
     micro = cfg.train.batch_size // cfg.train.grad_accum
     if micro % data_ways:
         raise ConfigError(
             f"The per-step batch of {micro} sequences (train.batch_size={cfg.train.batch_size} / "
-            f"train.grad_accum={cfg.train.grad_accum}) is not divisible by data × fsdp = "
-            f"{sizes['data']} × {sizes['fsdp']} = {data_ways}; use a train.batch_size that is a "
-            f"multiple of {data_ways * cfg.train.grad_accum}."
+            f"train.grad_accum={cfg.train.grad_accum}) is not divisible by data × fsdp × expert = "
+            f"{sizes['data']} × {sizes['fsdp']} × {sizes['expert']} = {data_ways}; use a "
+            f"train.batch_size that is a multiple of {data_ways * cfg.train.grad_accum}."
         )
     if sizes["pipe"] > 1:
         _check_pipeline(cfg, sizes)
@@ -83,15 +83,15 @@ def check_layout(cfg: Config, mesh: Mesh, abstract_params: Any, logical_specs: A
 
 
 def _check_pipeline(cfg: Config, sizes: dict[str, int]) -> None:
-    """A pipeline microbatch must split over data × fsdp, and the schedule must build."""
+    """A pipeline microbatch must split over data × fsdp × expert, and the schedule must build."""
     p = sizes["pipe"]
     m = cfg.pipeline.microbatches or p
     rows = cfg.train.batch_size // cfg.train.grad_accum // m
-    ways = sizes["data"] * sizes["fsdp"]
+    ways = batch_ways(sizes)
     if rows % ways:
         raise ConfigError(
             f"A pipeline microbatch of {rows} sequences (train.batch_size={cfg.train.batch_size} / "
             f"train.grad_accum={cfg.train.grad_accum} / pipeline.microbatches={m}) is not divisible "
-            f"by data × fsdp = {ways}; use a train.batch_size that is a multiple of "
+            f"by data × fsdp × expert = {ways}; use a train.batch_size that is a multiple of "
             f"{ways * m * cfg.train.grad_accum}.")
     make_schedule(cfg, p)

@@ -1,8 +1,13 @@
 """The device mesh: its axes, their sizes from `MeshConfig`, and the one name of a layout.
 
-Axes, outermost to innermost: pipe, data, fsdp, context, tensor (`tensor` innermost so its
-devices are neighbours: the fastest links; `context` next, so a ring's neighbours are close).
-The batch is split over data × fsdp (`DATA_AXES`), the sequence over context.
+Axes, outermost to innermost: pipe, data, fsdp, expert, context, tensor (`tensor` innermost so
+its devices are neighbours: the fastest links; `context` next, so a ring's neighbours are close).
+`expert` sits inside data and fsdp because its all-to-all runs twice per MoE layer forward and
+twice backward on activations, more often than fsdp's per-layer weight gathers and far more than
+data's one gradient all-reduce per step; and outside context and tensor, whose collectives run
+in every layer (attention, every matmul). The batch is split over data × fsdp × expert
+(`DATA_AXES`: GShard / DeepSpeed-MoE split the batch over the expert axis as over data), the
+sequence over context. On a dense model `expert` is one more data axis.
 
 The mesh uses `AxisType.Auto`: we state shardings for inputs, outputs and a few activations
 and let XLA's SPMD partitioner choose the collectives. (On `Explicit` meshes, the default of
@@ -19,8 +24,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsys.config import ConfigError, MeshConfig
 
-MESH_AXES = ("pipe", "data", "fsdp", "context", "tensor")
-DATA_AXES = ("data", "fsdp")  # the batch dimension is split over both
+MESH_AXES = ("pipe", "data", "fsdp", "expert", "context", "tensor")
+DATA_AXES = ("data", "fsdp", "expert")  # the batch dimension is split over all three
 
 
 def _cpu_hint(fixed: int, processes: int) -> str:
@@ -56,7 +61,7 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int, num_processes: in
     elif fixed != num_devices:
         raise ConfigError(
             f"The mesh {'of all 1s' if layout == '1 device' else layout} has {fixed} devices but {num_devices} are available. "
-            f"Make the product of mesh.data, mesh.fsdp, mesh.context, mesh.tensor and mesh.pipe equal {num_devices} "
+            f"Make the product of mesh.data, mesh.fsdp, mesh.expert, mesh.context, mesh.tensor and mesh.pipe equal {num_devices} "
             f"(e.g. set mesh.data=-1 to use the rest); {_cpu_hint(fixed, num_processes)}."
         )
     return sizes
@@ -71,6 +76,11 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None)
                          devices=devices)
 
 
+
+
+def batch_ways(sizes: dict[str, int]) -> int:
+    """How many ways the batch is split: data × fsdp × expert (`DATA_AXES`) of mesh `sizes`."""
+    return math.prod(sizes.get(a, 1) for a in DATA_AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

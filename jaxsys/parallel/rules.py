@@ -1,7 +1,8 @@
 """The rules tables: the one place where logical axis names meet mesh axes.
 
 Model code names only *logical* axes (batch, seq, embed, heads, kv_heads, head_dim, mlp,
-vocab, layers). Two rule tables map them onto the mesh axes (data, fsdp, context, tensor, pipe):
+vocab, layers, expert). Two rule tables map them onto the mesh axes (data, fsdp, expert,
+context, tensor, pipe):
 `PARAM_RULES` for parameters (and so gradients and optimizer state, which follow them) and
 `ACTIVATION_RULES` for activations, as Levanter separates parameter and compute mappings.
 
@@ -23,6 +24,12 @@ vocab, layers). Two rule tables map them onto the mesh axes (data, fsdp, context
   residual adds hold 1/tensor of the sequence; the all-reduce becomes a reduce-scatter into the
   residual and an all-gather before the next column-parallel matmul. Attention's own `seq`
   stays unsharded (a `seq` → tensor rule would clash with `heads` → tensor).
+- Expert parallelism (`mesh.expert`): the MoE experts' `expert` dimension over `expert`, so
+  each device stores X / expert of the experts' weights and their AdamW moments (fsdp still
+  splits their `embed` dimension at ZeRO-3, tensor their `mlp` dimension). The batch is split
+  over data × fsdp × expert (`DATA_AXES`); tokens reach their experts' devices by all-to-all
+  (`jaxsys.parallel.expert`). Every other parameter is replicated over `expert`, which is one
+  more data axis for it.
 - Context parallelism (`mesh.context`): `seq` and `residual_seq` → `context`, so every
   activation holds 1/context of the sequence; attention, the one place that needs the whole
   sequence, is `jaxsys.parallel.context` (all-gather, ring or Ulysses).
@@ -55,6 +62,7 @@ PARAM_RULES: Rules = (
     ("head_dim", None),
     ("latent", None),  # MLA's compressed rank: whole on every device (jaxsys.model.mla)
     ("layers", "pipe"),  # stacked layers split into pipeline stages (jaxsys.parallel.pipeline)
+    ("expert", "expert"),  # MoE experts split over devices (jaxsys.parallel.expert)
 )
 
 ACTIVATION_RULES: Rules = (
@@ -68,6 +76,7 @@ ACTIVATION_RULES: Rules = (
     ("head_dim", None),
     ("latent", None),
     ("residual_seq", None),  # the residual stream's sequence axis; -> tensor with SP
+    ("expert", "expert"),  # expert weights at their point of use stay split (use_weight)
 )
 
 
@@ -114,7 +123,7 @@ def param_shardings(logical_specs: Any, mesh: Mesh, rules: Rules = PARAM_RULES) 
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a `[batch, seq]` token array: batch over data × fsdp."""
+    """Sharding of a `[batch, seq]` token array: batch over data × fsdp × expert."""
     return NamedSharding(mesh, logical_to_spec(TOKENS_BT, ACTIVATION_RULES))
 
 

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxsys.model.axes import ACT_BTD, IN_BTD
 from jaxsys.model.hooks import cross_entropy_reference, embed_lookup_reference
 from jaxsys.parallel.manual import constrain_to, manual_axes, shard_map
-from jaxsys.parallel.mesh import DATA_AXES
+from jaxsys.parallel.mesh import DATA_AXES, batch_ways
 from jaxsys.parallel.rules import Rules, logical_to_spec
 
 Axes = Sequence[str | None]
@@ -48,8 +48,7 @@ def _tensor_split(mesh: Mesh) -> bool:
 def _batch_splits(mesh: Mesh, batch: int) -> bool:
     if manual_axes() & set(DATA_AXES):
         return True  # inside jaxsys.parallel.zero: the batch is already this device's rows
-    shape = dict(mesh.shape)
-    return batch % (shape["data"] * shape["fsdp"]) == 0
+    return batch % batch_ways(dict(mesh.shape)) == 0
 
 
 def _vocab_slice(tokens: jax.Array, v: int) -> tuple[jax.Array, jax.Array]:
@@ -112,7 +111,7 @@ def _sequence_parallel(mesh: Mesh, rules: Rules) -> bool:
 
 
 def _spec(logical: Axes, rules: Rules, batch_splits: bool = True) -> P:
-    """Mesh spec of logical axes; the batch stays whole when it does not divide data × fsdp
+    """Mesh spec of logical axes; the batch stays whole when it does not divide data × fsdp × expert
     (e.g. the 1-sequence dummy batch of `model.init`: every device then computes all of it)."""
     return logical_to_spec([None if a == "batch" and not batch_splits else a for a in logical], rules)
 

@@ -7,7 +7,7 @@ that rewrites all-reduce + slice into a reduce-scatter; XLA:CPU has none), and t
 embedding's two gradient contributions (lookup and output head) are all-reduced separately.
 
 Here the loss and gradients of a step run inside `jax.shard_map`, manual over the batch axes
-(data, fsdp) and `context` (`tensor` stays with XLA, and `jaxsys.parallel.tensor`'s and
+(data, fsdp, expert) and `context` (`tensor` stays with XLA, and `jaxsys.parallel.tensor`'s and
 `jaxsys.parallel.context`'s own shard_maps nest inside), each device on its own rows and its own
 share of their positions, and the sync is the ZeRO paper's, stage by stage (`mesh.zero_stage`),
 with `context` reduced alongside `data` (its devices hold parameters whole, like data's):
@@ -29,10 +29,17 @@ Every collective over the batch axes runs on each device's `tensor` block
 manual fsdp all-gather or reduce-scatter of a tensor-split buffer ran on the whole buffer and
 all-gathered it over tensor first (measured: 2.4× the closed-form bytes on fsdp=4 × tensor=2).
 
+Expert parallelism (`mesh.expert`, `jaxsys.parallel.expert`): `expert` is a batch axis, so
+every parameter's gradient is reduced over it too, except the experts' own weights: those
+arrive split over `expert` (each device owns X / expert experts, and their gradients already
+hold every device's tokens, brought back by the transpose of the dispatch all-to-all), so they
+are reduced over data, fsdp and context only.
+
 Parameters that no rule splits over fsdp (biases and norms without an `embed` axis) are
 all-reduced over fsdp instead. Gradients are summed in the autodiff graph before any collective,
 so the tied embedding is synced once. Each device's loss is the mean over its own rows, so the
-global loss and gradients are the sums over the batch axes divided by data × fsdp.
+global loss and gradients are the sums over the batch axes divided by data × fsdp × expert
+(× context).
 
 With dropout, each device folds its index over the batch axes into the step's key: the masks
 differ from a one-device run's (as they would on any other number of devices).
@@ -49,7 +56,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxsys.config import Config
 from jaxsys.model import hooks
 from jaxsys.parallel.manual import manual_axes, psum_live, shard_map, tensor_local
-from jaxsys.parallel.mesh import DATA_AXES
+from jaxsys.parallel.mesh import DATA_AXES, batch_ways
 from jaxsys.parallel.rules import PARAM_RULES, Rules, dims_over, param_rules
 
 Batch = dict[str, jax.Array]
@@ -65,7 +72,7 @@ def uses_explicit_sync(cfg: Config, mesh: Mesh) -> bool:
     """Does the train step sync gradients here (rather than leave it to XLA)?"""
     sizes = dict(mesh.shape)
     return (cfg.mesh.grad_sync == "explicit" and sizes["pipe"] == 1
-            and sizes["data"] * sizes["fsdp"] * sizes["context"] > 1)
+            and batch_ways(sizes) * sizes["context"] > 1)
 
 
 def _fsdp_dim(logical: P, rules: Rules) -> int | None:
@@ -74,22 +81,27 @@ def _fsdp_dim(logical: P, rules: Rules) -> int | None:
     return dims[0] if dims else None
 
 
+def _manual_dims(axes: Any, rules: Rules, mesh_axis: str) -> list[int]:
+    """The dimensions `rules` split over `mesh_axis`, where that axis is manual here and > 1."""
+    if mesh_axis not in manual_axes() or jax.sharding.get_abstract_mesh().shape[mesh_axis] == 1:
+        return []  # (a collective over a size-1 manual axis got tensor's replica groups: skip it)
+    return dims_over(axes, rules, mesh_axis)
+
+
 def gathering_weights(outer: hooks.Hooks, stored_rules: Rules) -> hooks.Hooks:
     """`outer` with the ZeRO-3 weight hooks for a region manual over `fsdp` whose parameters
-    arrive split as `stored_rules` say: `stored_shape` is the local slice's shape, and
-    `use_weight` all-gathers each weight over fsdp where it is used, then applies `outer`'s."""
+    arrive split as `stored_rules` say: `stored_shape` is the local slice's shape (also 1/expert
+    of an `expert` dimension when `expert` is manual: each device holds its own experts), and
+    `use_weight` all-gathers each weight over fsdp where it is used, then applies `outer`'s
+    (expert weights stay split over `expert`: `jaxsys.parallel.expert` uses them locally)."""
 
     def fsdp_dims(axes: Any) -> list[int]:
-        if "fsdp" not in manual_axes() or jax.sharding.get_abstract_mesh().shape["fsdp"] == 1:
-            return []  # (a collective over a size-1 manual axis got tensor's replica groups: skip it)
-        return dims_over(axes, stored_rules, "fsdp")
+        return _manual_dims(axes, stored_rules, "fsdp")
 
     def stored_shape(shape: tuple[int, ...], axes: Any) -> tuple[int, ...]:
-        dims = fsdp_dims(axes)
-        if not dims:
-            return shape
-        fsdp = jax.sharding.get_abstract_mesh().shape["fsdp"]
-        return tuple(n // fsdp if d in dims else n for d, n in enumerate(shape))
+        mesh = jax.sharding.get_abstract_mesh()
+        ways = {d: mesh.shape[a] for a in ("fsdp", "expert") for d in _manual_dims(axes, stored_rules, a)}
+        return tuple(n // ways.get(d, 1) for d, n in enumerate(shape))
 
     def use_weight(w: jax.Array, axes: Any) -> jax.Array:
         for dim in fsdp_dims(axes):
@@ -99,8 +111,8 @@ def gathering_weights(outer: hooks.Hooks, stored_rules: Rules) -> hooks.Hooks:
     return dataclasses.replace(outer, stored_shape=stored_shape, use_weight=use_weight)
 
 
-def _spec(ndim: int, dim: int | None) -> P:
-    return P(*[("fsdp" if d == dim else None) for d in range(ndim)])
+def _spec(ndim: int, dim: int | None, expert_dim: int | None = None) -> P:
+    return P(*[("fsdp" if d == dim else "expert" if d == expert_dim else None) for d in range(ndim)])
 
 
 def _reduce_scatter(g: jax.Array, dim: int, logical: P) -> jax.Array:
@@ -112,14 +124,16 @@ def _reduce_scatter(g: jax.Array, dim: int, logical: P) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class _SyncPlan:
     """Per parameter leaf (in tree order): its logical axes, the dimension it arrives split on
-    over fsdp (ZeRO-3), the dimension its gradient leaves split on (ZeRO 1-3), and whether that
-    gradient is reduce-scattered per microbatch (ZeRO-2)."""
+    over fsdp (ZeRO-3), the dimension its gradient leaves split on (ZeRO 1-3), whether that
+    gradient is reduce-scattered per microbatch (ZeRO-2), and the dimension split over `expert`
+    (expert weights, at every stage; None elsewhere)."""
 
     treedef: Any
     logical: list[P]
     stored: list[int | None]
     out: list[int | None]
     early: list[bool]
+    experts: list[int | None]
     sizes: dict[str, int]
 
     @classmethod
@@ -130,7 +144,9 @@ class _SyncPlan:
         stored = [_fsdp_dim(lg, param_rules(cfg.mesh)) if split else None for lg in leaves]
         out = [_fsdp_dim(lg, PARAM_RULES) if stage >= 1 and split else None for lg in leaves]
         early = [o is not None and st is None and stage == 2 for st, o in zip(stored, out)]
-        return cls(treedef, leaves, stored, out, early, sizes)
+        experts = [(dims_over(tuple(lg), PARAM_RULES, "expert") or [None])[0] if sizes["expert"] > 1
+                   else None for lg in leaves]
+        return cls(treedef, leaves, stored, out, early, experts, sizes)
 
     def scatter_early(self, grads: Any) -> Any:
         """ZeRO-2: reduce-scatter each microbatch's gradients over fsdp as they are made."""
@@ -139,23 +155,26 @@ class _SyncPlan:
                                        for g, lg, o, e in zip(flat, self.logical, self.out, self.early)])
 
     def finish(self, grads: Any) -> Any:
-        """Reduce what is not reduced yet, then divide by data × fsdp × context (the mean over
-        devices: each holds as many tokens)."""
-        ways = self.sizes["data"] * self.sizes["fsdp"] * self.sizes["context"]
+        """Reduce what is not reduced yet, then divide by data × fsdp × expert × context (the
+        mean over devices: each holds as many tokens). Expert weights are not reduced over
+        `expert`: each device owns other experts."""
+        ways = batch_ways(self.sizes) * self.sizes["context"]
         result = []
-        for g, lg, st, o, e in zip(self.treedef.flatten_up_to(grads), self.logical, self.stored,
-                                   self.out, self.early):
+        for g, lg, st, o, e, x in zip(self.treedef.flatten_up_to(grads), self.logical, self.stored,
+                                      self.out, self.early, self.experts):
             if st is not None or e:  # reduced over fsdp already (a transpose, or per microbatch)
-                axes: tuple[str, ...] = ("data", "context")
+                axes = tuple(a for a in SYNC_AXES if a != "fsdp")
             elif o is not None:  # ZeRO-1: reduce-scatter over fsdp now
-                g, axes = _reduce_scatter(g, o, lg), ("data", "context")
-            else:  # not split over fsdp: one all-reduce over data × fsdp × context
+                g, axes = _reduce_scatter(g, o, lg), tuple(a for a in SYNC_AXES if a != "fsdp")
+            else:  # not split over fsdp: one all-reduce over data × fsdp × expert × context
                 axes = SYNC_AXES
-            result.append(tensor_local(lambda x, a=axes: psum_live(x, a, self.sizes) / ways, g, tuple(lg)))
+            if x is not None:
+                axes = tuple(a for a in axes if a != "expert")
+            result.append(tensor_local(lambda v, a=axes: psum_live(v, a, self.sizes) / ways, g, tuple(lg)))
         return self.treedef.unflatten(result)
 
     def specs(self, dims: list[int | None]) -> Any:
-        return self.treedef.unflatten([_spec(len(lg), d) for lg, d in zip(self.logical, dims)])
+        return self.treedef.unflatten([_spec(len(lg), d, x) for lg, d, x in zip(self.logical, dims, self.experts)])
 
 
 def make_synced_grads(cfg: Config, mesh: Mesh, logical_specs: Any,
@@ -168,7 +187,7 @@ def make_synced_grads(cfg: Config, mesh: Mesh, logical_specs: Any,
     logical `PartitionSpec`s. The returned grads are split over fsdp for stages 1–3 (the layout of
     the AdamW moments) and whole for stage 0; call it inside `jax.jit`."""
     plan = _SyncPlan.make(cfg, mesh, logical_specs)
-    ways = plan.sizes["data"] * plan.sizes["fsdp"] * plan.sizes["context"]
+    ways = batch_ways(plan.sizes) * plan.sizes["context"]
 
     def local(params: Any, batch: Batch, key: Any) -> tuple[jax.Array, Any]:
         if key is not None:  # different dropout masks per device

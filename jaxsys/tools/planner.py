@@ -9,7 +9,9 @@ next to closed forms:
   dtypes (fp32 parameters and gradients, two fp32 moments: 4Ψ + 4Ψ + 8Ψ bytes), each divided
   by tensor and, per stage, by fsdp; activations per Korthikanti et al. 2022 (TP/SP/remat).
 - every collective of the optimized HLO (`hlo_stats`), by kind and mesh axes, beside the
-  Megatron/ZeRO closed-form wire bytes.
+  Megatron/ZeRO closed-form wire bytes, and with expert parallelism the all-to-alls of the
+  MoE dispatch and combine beside theirs (`expert_plan.closed_form_expert`); the experts'
+  weights, split over `expert`, get their own memory row.
 - FLOPs from `cost_analysis()` and a roofline step time (`roofline`); the closed form 6N +
   attention counts N = the parameters one token uses (MoE: its top_k routed experts only).
 
@@ -29,7 +31,8 @@ float32 (twice the formula's bytes, MHA as well), and its temporaries hold the x
 formula).
 
 Letters: Ψ parameters, L layers, b sequences per device per microbatch, T sequence, D embed,
-F MLP hidden, H heads, K kv heads, E head size, V vocabulary, t tensor, z fsdp, d data.
+F MLP hidden, H heads, K kv heads, E head size, V vocabulary, t tensor, z fsdp, d data,
+e expert, Ψx the experts' parameters (part of Ψ).
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ from jaxsys.model.flops import active_params, flops_per_token
 from jaxsys.model.params import count_params
 from jaxsys.parallel import context as context_lib
 from jaxsys.parallel import rules
-from jaxsys.parallel.mesh import MESH_AXES, layout_name as mesh_layout_name, make_mesh
-from jaxsys.tools import hlo_stats, roofline
+from jaxsys.parallel.mesh import MESH_AXES, batch_ways, layout_name as mesh_layout_name, make_mesh
+from jaxsys.tools import expert_plan, hlo_stats, roofline
 from jaxsys.train import state as state_lib
 from jaxsys.train import step as step_lib
 
@@ -61,11 +64,13 @@ def _shard_bytes(abstract: Any, shardings: Any) -> int:
                    for x, sh in zip(leaves, shs)))
 
 
-def closed_form_state(cfg: Config, sizes: dict[str, int], n_params: int) -> dict[str, float]:
-    """ZeRO paper per-device bytes: params, grads, optimizer (K = two moments in param dtype)."""
+def closed_form_state(cfg: Config, sizes: dict[str, int], n_params: int,
+                      n_expert: int = 0) -> dict[str, float]:
+    """ZeRO paper per-device bytes: params, grads, optimizer (K = two moments in param dtype);
+    the `n_expert` experts' parameters among `n_params` are split over `expert` as well."""
     pb = np.dtype(cfg.model.param_dtype).itemsize
     t, z, stage = sizes["tensor"], sizes["fsdp"], cfg.mesh.zero_stage
-    per_t = n_params / t
+    per_t = (n_params - n_expert) / t + n_expert / (t * sizes.get("expert", 1))
     return {"params": pb * per_t / (z if stage >= 3 else 1),
             "grads": pb * per_t / (z if stage >= 2 else 1),
             "optimizer": 2 * pb * per_t / (z if stage >= 1 else 1)}
@@ -83,7 +88,7 @@ def closed_form_activations(cfg: Config, sizes: dict[str, int]) -> float:
     recomputes each block from q, k, v and the log-sum-exp (flash-attention style)."""
     m = cfg.model.resolved()
     t, c = sizes["tensor"], sizes.get("context", 1)
-    b = cfg.train.batch_size // cfg.train.grad_accum // (sizes["data"] * sizes["fsdp"])
+    b = cfg.train.batch_size // cfg.train.grad_accum // batch_ways(sizes)
     T, D = m.seq_len, m.embed_dim
     s = T // c
     scores = {"all-gather": s * T, "ulysses": T * T / c, "ring": 0.0}[cfg.context_parallel.kind] if c > 1 else s * s
@@ -97,7 +102,8 @@ def closed_form_activations(cfg: Config, sizes: dict[str, int]) -> float:
     return m.num_layers * per_layer * beta + 2 * s * b * m.vocab_size / t * 4
 
 
-def closed_form_comm(cfg: Config, sizes: dict[str, int], tp_param_bytes: float) -> dict[str, float]:
+def closed_form_comm(cfg: Config, sizes: dict[str, int], tp_param_bytes: float,
+                     expert_param_bytes: float = 0.0) -> dict[str, float]:
     """Megatron + ZeRO wire bytes per device per step (ring algorithms), by collective kind.
 
     TP: per microbatch 4L + 2 all-reduces of b·T·D (2 per block forward, 2 backward, the
@@ -108,6 +114,9 @@ def closed_form_comm(cfg: Config, sizes: dict[str, int], tp_param_bytes: float) 
     all-gather over fsdp (stage 3 gathers weights before use, 1–2 gather updated parameters).
     Context parallelism (c = mesh.context) divides the TP activations by c, reduces gradients
     over context with data's, and adds its attention's collectives (`closed_form_context`).
+    Expert parallelism (e = mesh.expert): `expert` is a batch axis, reduced with data, except for
+    the experts' weights (`expert_param_bytes` of P, per tensor and expert shard), which are
+    reduced over data × fsdp × context only; plus the MoE all-to-alls (`closed_form_expert`).
     MLA without SP: `_mla_latent_units`; with SP the formula is MHA's (measured on a tiny MLA
     model at tensor=4: 4 all-gathers and 3 reduce-scatters of b·T·D per block plus all-reduces
     of about b·T·(q_lora + kv_lora + Y + 8.5): not modelled)."""
@@ -115,7 +124,7 @@ def closed_form_comm(cfg: Config, sizes: dict[str, int], tp_param_bytes: float) 
     t, z, d, c = sizes["tensor"], sizes["fsdp"], sizes["data"], sizes.get("context", 1)
     out = {k: 0.0 for k in hlo_stats.KINDS}
     if t > 1:
-        b = cfg.train.batch_size // M // (d * z)
+        b = cfg.train.batch_size // M // batch_ways(sizes)
         act = b * m.seq_len // c * m.embed_dim * np.dtype(m.compute_dtype).itemsize
         n = 4 * m.num_layers + 2 + (2 * m.num_layers if m.remat == "full" else 0)
         if cfg.mesh.sequence_parallel:
@@ -125,14 +134,16 @@ def closed_form_comm(cfg: Config, sizes: dict[str, int], tp_param_bytes: float) 
             n -= m.num_layers * _mla_latent_units(m)[0]
             out["all-reduce"] += M * (n + m.num_layers * _mla_latent_units(m)[1]) * 2 * (t - 1) / t * act
         out["all-reduce"] += M * 3 * 2 * (t - 1) / t * b * m.seq_len // c * 4
-    n, dc = d * z * c, d * c
-    if cfg.mesh.zero_stage == 0 or z == 1:
-        out["all-reduce"] += 2 * (n - 1) / n * tp_param_bytes
-    else:
-        out["reduce-scatter"] += (z - 1) / z * tp_param_bytes
-        out["all-reduce"] += 2 * (dc - 1) / dc * tp_param_bytes / z
-        out["all-gather"] += (z - 1) / z * tp_param_bytes
-    for kind, wire in closed_form_context(cfg, sizes).items():
+    e = sizes.get("expert", 1)
+    for nbytes, dc in ((tp_param_bytes - expert_param_bytes, d * e * c), (expert_param_bytes, d * c)):
+        n = dc * z
+        if cfg.mesh.zero_stage == 0 or z == 1:
+            out["all-reduce"] += 2 * (n - 1) / n * nbytes
+        else:
+            out["reduce-scatter"] += (z - 1) / z * nbytes
+            out["all-reduce"] += 2 * (dc - 1) / dc * nbytes / z
+            out["all-gather"] += (z - 1) / z * nbytes
+    for kind, wire in (*closed_form_context(cfg, sizes).items(), *expert_plan.closed_form_expert(cfg, sizes).items()):
         out[kind] += wire
     return out
 
@@ -167,7 +178,7 @@ def closed_form_context(cfg: Config, sizes: dict[str, int]) -> dict[str, float]:
         return out
     m, M = cfg.model.resolved(), cfg.train.grad_accum
     t = sizes["tensor"]
-    b = cfg.train.batch_size // M // (sizes["data"] * sizes["fsdp"])
+    b = cfg.train.batch_size // M // batch_ways(sizes)
     elems = b * (m.seq_len // c) * (m.num_kv_heads // t) * m.head_dim
     kv, kv32 = elems * np.dtype(m.compute_dtype).itemsize, elems * 4
     again = 1 if m.remat == "full" else 0  # the forward's collectives once more in the backward
@@ -243,7 +254,7 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
     grads_b = _shard_bytes(abstract.params, s.grad_sharding)
     ma = compiled.memory_analysis()
     n_dev = s.mesh.devices.size
-    batch_b = 2 * cfg.train.batch_size * cfg.model.seq_len * 4 // (sizes["data"] * sizes["fsdp"])
+    batch_b = 2 * cfg.train.batch_size * cfg.model.seq_len * 4 // batch_ways(sizes)
     memory = {"params": params_b, "grads": grads_b, "optimizer": opt_b,
               "state_compiled": ma.argument_size_in_bytes - batch_b,
               "temp": ma.temp_size_in_bytes,
@@ -254,6 +265,10 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
     tp_only = rules.param_shardings(s.logical_specs, s.mesh, rules.grad_rules(
         dataclasses.replace(cfg.mesh, zero_stage=0)))
     tp_param_b = _shard_bytes(abstract.params, tp_only)
+    only_x = lambda tree: expert_plan.expert_leaves(tree, s.logical_specs)  # noqa: E731
+    expert_tp_b = _shard_bytes(only_x(abstract.params), only_x(tp_only))
+    n_expert = expert_plan.expert_params(s.abstract_params, s.logical_specs)
+    memory["expert_params"] = _shard_bytes(only_x(abstract.params), only_x(s.state_sharding.params))
 
     colls = hlo_stats.collectives(compiled.as_text(), s.mesh)
     summary = hlo_stats.summarize(colls)
@@ -277,15 +292,17 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
 
     m = cfg.mesh
     layout = {"name": mesh_layout_name(sizes, m.zero_stage, m.sequence_parallel, _kind_name(cfg)),
-              "devices": n_dev, "data": sizes["data"], "fsdp": sizes["fsdp"], "context": sizes["context"],
+              "devices": n_dev, "data": sizes["data"], "fsdp": sizes["fsdp"], "expert": sizes["expert"],
+              "context": sizes["context"],
               "context_kind": cfg.context_parallel.kind if sizes["context"] > 1 else None,
               "tensor": sizes["tensor"], "zero_stage": m.zero_stage,
               "sequence_parallel": m.sequence_parallel, "grad_sync": m.grad_sync,
               "accelerator": acc.name, "params": n_params,
               "active_params": n_active}
-    formula_mem = closed_form_state(cfg, sizes, n_params)
+    formula_mem = closed_form_state(cfg, sizes, n_params, n_expert)
     formula_mem["activations"] = closed_form_activations(cfg, sizes)
-    return Plan(layout, memory, formula_mem, rows, comm, closed_form_comm(cfg, sizes, tp_param_b),
+    formula_mem["expert_params"] = closed_form_state(cfg, sizes, n_expert, n_expert)["params"]
+    return Plan(layout, memory, formula_mem, rows, comm, closed_form_comm(cfg, sizes, tp_param_b, expert_tp_b),
                 flops, flops_formula, est, compile_s)
 
 
@@ -380,6 +397,9 @@ def format_plan(p: Plan) -> str:
     for key in ("params", "grads", "optimizer"):
         lines.append(f"  {key:<26} {_mib(p.memory[key]):>9}  {_mib(p.memory_formula[key]):>9}")
     lines.append(f"  {'params+grads+optimizer':<26} {_mib(p.state_bytes):>9}  {_mib(p.state_formula):>9}")
+    if p.memory.get("expert_params"):
+        lines.append(f"  {'  of params: experts':<26} {_mib(p.memory['expert_params']):>9}  "
+                     f"{_mib(p.memory_formula['expert_params']):>9}  (split over expert={p.layout['expert']})")
     lines.append(f"  {'temporaries (XLA temp)':<26} {_mib(p.memory['temp']):>9}  "
                  f"{_mib(p.memory_formula['activations']):>9}  (formula: activations only)")
     lines.append(f"  {'peak':<26} {_mib(p.memory['peak']):>9}")

@@ -136,7 +136,7 @@ def test_bad_pipeline_configs_are_clear_errors(overrides, message):
 
 def test_pipeline_microbatch_must_divide_over_data():
     cfg = pipe_cfg("1f1b", 2, 4, "mesh.data=4", rows=2)  # 2 rows per microbatch over data=4
-    with pytest.raises(ConfigError, match="pipeline microbatch of 2 sequences .* not divisible by data × fsdp = 4"):
+    with pytest.raises(ConfigError, match="pipeline microbatch of 2 sequences .* not divisible by data × fsdp × expert = 4"):
         setup(cfg, make_mesh(cfg.mesh))
 
 

@@ -12,11 +12,11 @@ from tests.helpers import tiny_cfg
 
 
 def test_minus_one_takes_the_rest():
-    assert resolve_mesh_shape(MeshConfig(data=-1, fsdp=2), 8) == {"pipe": 1, "data": 4, "fsdp": 2,
+    assert resolve_mesh_shape(MeshConfig(data=-1, fsdp=2), 8) == {"pipe": 1, "data": 4, "fsdp": 2, "expert": 1,
                                                                  "context": 1, "tensor": 1}
     assert resolve_mesh_shape(MeshConfig(data=2, fsdp=-1), 8)["fsdp"] == 4
     mesh = make_mesh(MeshConfig(data=2, fsdp=4))
-    assert dict(mesh.shape) == {"pipe": 1, "data": 2, "fsdp": 4, "context": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"pipe": 1, "data": 2, "fsdp": 4, "expert": 1, "context": 1, "tensor": 1}
     assert resolve_mesh_shape(MeshConfig(data=2, context=-1), 8)["context"] == 4
     assert resolve_mesh_shape(MeshConfig(data=-1, pipe=2), 8)["data"] == 4  # jaxsys.parallel.pipeline
 
@@ -34,7 +34,7 @@ def test_bad_meshes(mesh, devices, message):
 
 @pytest.mark.parametrize("overrides,message", [
     # 16 sequences over data × fsdp = 8 with 4 microbatches: 4 per microbatch < 8 ways.
-    (("mesh.data=8", "train.grad_accum=4"), "not divisible by data × fsdp = 8 × 1 = 8"),
+    (("mesh.data=8", "train.grad_accum=4"), "not divisible by data × fsdp × expert = 8 × 1 × 1 = 8"),
     # embed_dim 36 over fsdp=8: names the parameter, dimension and axis.
     (("mesh.data=1", "mesh.fsdp=8", "model.embed_dim=36", "model.num_heads=4"),
      r"dimension \d \('embed', size 36\) is not divisible by mesh axis fsdp=8"),

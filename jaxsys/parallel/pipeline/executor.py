@@ -6,7 +6,7 @@ stages; `v` their count), Lc = L / (P·C) layers per chunk, Z stash slots, N tic
 
 A table from `schedules` becomes static per-tick integer arrays ([N, P]: op, microbatch, chunk,
 stash slots; `program.Program`). The executor runs inside `jax.shard_map`, manual over `pipe`
-and the batch axes (data, fsdp: each device runs its own rows and the gradients are psum'd over
+and the batch axes (data, fsdp, expert: each device runs its own rows and the gradients are psum'd over
 them at the end; `tensor` stays with XLA's partitioner, so it composes with all three), as ONE
 `lax.scan` over ticks (compile time flat in M). Each tick, each stage runs its op through
 `lax.switch` over the module-level op functions below (`_idle`, `_forward`, `_backward`,
@@ -46,7 +46,7 @@ from jaxsys.model import hooks
 from jaxsys.model.loss import mean_cross_entropy
 from jaxsys.model.transformer import Transformer, block_fn
 from jaxsys.parallel.manual import psum_live
-from jaxsys.parallel.mesh import DATA_AXES
+from jaxsys.parallel.mesh import DATA_AXES, batch_ways
 from jaxsys.parallel.pipeline.program import FWD, IDLE, Program
 
 _MID, _FIRST, _LAST = 0, 1, 2  # role of a virtual stage: inner, embeds the tokens, computes the loss
@@ -224,7 +224,7 @@ def pipeline_grads(cfg: Config, mesh: Mesh, prog: Program, params: Any,
     batch.setdefault("positions", jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
     micro_M = {k: split_microbatches(x, m) for k, x in batch.items()}  # each [M, B/M, T]
     c = sizes["context"]
-    ways = sizes["data"] * sizes["fsdp"] * c  # devices that each hold a share of the tokens
+    ways = batch_ways(sizes) * c  # devices that each hold a share of the tokens
     b, t = B // m // (ways // c), T // c  # per device per microbatch
     batch_axes = (*DATA_AXES, "context")
 
@@ -245,7 +245,7 @@ def pipeline_grads(cfg: Config, mesh: Mesh, prog: Program, params: Any,
     # Manual over pipe AND the batch axes (and context, which splits each row's positions);
     # only `tensor` is left to XLA's partitioner. With the batch axes automatic too, XLA 0.10's
     # SPMD partitioner aborted the process (a CHECK in spmd_partitioner_util) on data × pipe ×
-    # tensor. Parameters enter whole over data × fsdp (ZeRO-3 shards are gathered on entry, once
+    # tensor. Parameters enter whole over data × fsdp × expert (ZeRO-3 shards are gathered on entry, once
     # per train.grad_accum microbatch) and the gradient sum over the batch axes is an explicit
     # psum. The stages trace with the plain hooks, but for context-parallel attention.
     stage_hooks = hooks.Hooks(attention=hooks.current().attention) if c > 1 else hooks.Hooks()
