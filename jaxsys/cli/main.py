@@ -99,14 +99,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _plot_curves(cfg, console)
     trained = result.final_step > result.start_step  # "Nothing to train" compiles nothing, samples nothing
     if cfg.logging.sample_tokens > 0 and not result.stopped_by and trained and not cfg.logging.quiet:
-        params = result.state.params
+        params, model_state = result.state.params, result.state.model_state  # the MoE bias travels too
         if jax.process_count() > 1:  # every process joins the gather; process 0 samples
             from jax.experimental import multihost_utils
-            params = multihost_utils.process_allgather(params, tiled=True)
+            params, model_state = multihost_utils.process_allgather((params, model_state), tiled=True)
             if jax.process_index() != 0:
                 return 0
-        sample = sample_text(Transformer(cfg.model), params, result.tokenizer,
-                             cfg.logging.sample_prompt, cfg.logging.sample_tokens, seed=cfg.train.seed)
+        sample = sample_text(Transformer(cfg.model), params, result.tokenizer, cfg.logging.sample_prompt,
+                             cfg.logging.sample_tokens, seed=cfg.train.seed, model_state=model_state)
         if console.json:
             console.log(sample, "sample")
         else:

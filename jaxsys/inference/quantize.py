@@ -24,6 +24,8 @@ F MLP hidden, V vocabulary, T positions, L layers (stacked only):
     attn.wq_a [L,] D Q -> [L,] 1 Q      attn.wkv_a [L,] D (Q+Y) -> [L,] 1 (Q+Y)
     attn.wq_b [L,] Q H W -> [L,] 1 H W  attn.wkv_b [L,] Q H (nope+E) -> [L,] 1 H (nope+E)
     mlp.wo  [L,] F D   -> [L,] 1 D       head (llama) D V -> 1 V
+    moe.w_in / w_gate [L,] X D F -> [L,] X 1 F   moe.w_out [L,] X F D -> [L,] X 1 D (X experts;
+    shared.* as mlp.*; the router [D, X] stays float: its top-k is a choice rounding could flip)
     embed   V D        -> V 1            one scale per token row: the row lookup needs it, and
                                          the tied gpt2 head contracts D, so it is per output V
     pos_embed T D      -> T 1            gpt2's position table: added, not multiplied; quantized
@@ -73,9 +75,17 @@ _CONTRACTED: dict[str, tuple[str, ...]] = {
     "embed": ("embed",),  # row lookup, and gpt2's tied head btd,dv->btv on its transpose
     "head": ("embed",),  # llama: btd,dv->btv
     "pos_embed": ("embed",),  # gpt2: rows added to the embedding
+    "moe.w_in": ("embed",),  # MoE experts: bxud,xdf->bxuf (or ragged_dot), one scale per expert and F
+    "moe.w_gate": ("embed",),
+    "moe.w_out": ("mlp",),  # bxuf,xfd->bxud
+    "shared.wi": ("embed",),  # an MoE layer's shared experts: the dense MLP under another name
+    "shared.wi_gate": ("embed",),
+    "shared.wi_up": ("embed",),
+    "shared.wo": ("mlp",),
 }
-# Two-axis parameters that stay float: gpt2's attention biases [H, E] / [K, E], added to q, k, v.
-_FLOAT: frozenset[str] = frozenset({"attn.bq", "attn.bk", "attn.bv"})
+# Two-axis parameters that stay float: gpt2's attention biases [H, E] / [K, E], added to q, k, v;
+# the MoE router [D, X], whose top-k picks the experts (rounding could flip a choice, and it is small).
+_FLOAT: frozenset[str] = frozenset({"attn.bq", "attn.bk", "attn.bv", "moe.router"})
 _LAYERS = "layers"
 
 
