@@ -99,15 +99,28 @@ def restore_params(manager: ocp.CheckpointManager, params_target: Any, step: int
     of `params_target` (a tree of `jax.ShapeDtypeStruct` with shardings). The rest of the state
     (step, optimizer moments) is read onto one device as the checkpoint's metadata describes
     it, so no optimizer has to be built. Returns (step, params)."""
+    step, items = restore_items(manager, {"params": params_target}, step)
+    return step, items["params"]
+
+
+def restore_items(manager: ocp.CheckpointManager, targets: dict[str, Any],
+                  step: int | None = None) -> tuple[int, dict[str, Any]]:
+    """`restore_params` for several top-level items of a saved train state at once (e.g.
+    "params" and "model_state", the MoE loss-free bias), each into the layout of its target.
+    Returns (step, {name: restored}) for the names of `targets` the checkpoint holds; a name it
+    lacks or holds empty (a params-only checkpoint has no "model_state", a dense one an empty
+    one) is left out."""
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"No checkpoint in {manager.directory}.")
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     meta = manager.item_metadata(step)
     target = {k: jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), v)
-              for k, v in meta.items() if k != "params"}
-    target["params"] = params_target
-    return step, manager.restore(step, args=ocp.args.StandardRestore(target))["params"]
+              for k, v in meta.items() if k not in targets}
+    held = [k for k in targets if k in meta and jax.tree_util.tree_leaves(meta[k])]
+    target.update({k: targets[k] for k in held})
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    return step, {k: restored[k] for k in held}
 
 
 def make_params_reader(run_dir: str | Path, concurrent_gb: int = 96) -> ocp.CheckpointManager:

@@ -145,7 +145,7 @@ def _engine(args: argparse.Namespace, requests: list[Any]) -> tuple[Any, Any, An
     from jaxsys.config import ConfigError
     from jaxsys.data.tokenizers import IdTokenizer
     from jaxsys.inference.decode import Generator
-    from jaxsys.inference.load import load_params, read_run
+    from jaxsys.inference.load import load_variables, read_run
     from jaxsys.inference.sampling import to_requests
     from jaxsys.inference.speculative import check_speculative
     from jaxsys.model.transformer import Transformer
@@ -163,12 +163,13 @@ def _engine(args: argparse.Namespace, requests: list[Any]) -> tuple[Any, Any, An
 
     mesh = _mesh(args.tensor)
 
-    def build(c: Any, run_dir: str, params: Any = None) -> Generator:
+    def build(c: Any, run_dir: str, params: Any = None, model_state: Any = None) -> Generator:
         model = Transformer(c.model)
         if params is not None and args.quantize == "int8":
             from jaxsys.inference.quantize import quantize_params
-            params = quantize_params(params, c.model)
-        return Generator(model, params, kv_dtype=args.kv_cache_dtype, num_tokens=tokenizer.vocab_size, mesh=mesh)
+            params = quantize_params(params, c.model)  # the MoE bias (model_state) stays float
+        return Generator(model, params, kv_dtype=args.kv_cache_dtype, num_tokens=tokenizer.vocab_size, mesh=mesh,
+                         model_state=model_state)
 
     # Shapes-only generators check every request before any checkpoint is read.
     target = build(cfg, args.run_dir)
@@ -178,10 +179,10 @@ def _engine(args: argparse.Namespace, requests: list[Any]) -> tuple[Any, Any, An
     if isinstance(tokenizer, IdTokenizer):
         _stderr("jaxsys: this run has no tokenizer (a .bin corpus without one beside it, or an import from a folder "
                 "without tokenizer.json): prompts and completions are token ids.")
-    target = build(cfg, args.run_dir, load_params(args.run_dir, cfg)[1])
+    target = build(cfg, args.run_dir, *load_variables(args.run_dir, cfg)[1:])
     draft = None
     if draft_cfg is not None:
-        draft = build(draft_cfg, args.draft_run_dir, load_params(args.draft_run_dir, draft_cfg)[1])
+        draft = build(draft_cfg, args.draft_run_dir, *load_variables(args.draft_run_dir, draft_cfg)[1:])
     return tokenizer, target, draft
 
 

@@ -99,14 +99,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _plot_curves(cfg, console)
     trained = result.final_step > result.start_step  # "Nothing to train" compiles nothing, samples nothing
     if cfg.logging.sample_tokens > 0 and not result.stopped_by and trained and not cfg.logging.quiet:
-        params = result.state.params
+        params, model_state = result.state.params, result.state.model_state  # the MoE bias travels too
         if jax.process_count() > 1:  # every process joins the gather; process 0 samples
             from jax.experimental import multihost_utils
-            params = multihost_utils.process_allgather(params, tiled=True)
+            params, model_state = multihost_utils.process_allgather((params, model_state), tiled=True)
             if jax.process_index() != 0:
                 return 0
-        sample = sample_text(Transformer(cfg.model), params, result.tokenizer,
-                             cfg.logging.sample_prompt, cfg.logging.sample_tokens, seed=cfg.train.seed)
+        sample = sample_text(Transformer(cfg.model), params, result.tokenizer, cfg.logging.sample_prompt,
+                             cfg.logging.sample_tokens, seed=cfg.train.seed, model_state=model_state)
         if console.json:
             console.log(sample, "sample")
         else:
@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "memory, collectives and a roofline step time")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--preset", default=None,
-                       help="shakespeare (default), tiny, gpt2-small or llama-1b")
+                       help="shakespeare (default), tiny, gpt2-small, llama-1b, deepseek-tiny; for plan "
+                            "also deepseek-v3, mixtral-8x7b")
         p.add_argument("--config", default=None, metavar="FILE",
                        help="start from a saved config (a run's config.json) instead of a preset; "
                             "overrides still apply")

@@ -84,6 +84,7 @@ def validate(cfg: Config) -> None:
     if m.family == "llama" and m.head_dim % 2:
         raise ConfigError(f"RoPE needs an even head size, got {m.head_dim}; change model.head_dim.")
     _validate_variants(m)
+    _validate_mla(cfg)
     _validate_moe(cfg)
     t = cfg.train
     if t.batch_size % t.grad_accum:
@@ -153,6 +154,43 @@ def _validate_variants(m) -> None:
     if not m.rope_high_freq_factor > m.rope_low_freq_factor:
         raise ConfigError(f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be > model.rope_low_freq_"
                           f"factor={m.rope_low_freq_factor} (llama3 blends between the two wavelengths).")
+
+
+_MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_dim", "qk_rope_dim", "v_head_dim")
+
+
+def _validate_mla(cfg: Config) -> None:
+    """Multi-head latent attention (`model.attention_kind=mla`, `jaxsys.model.mla`): llama family
+    only, a K/V latent, an even RoPE part; its keys refused with the default attention."""
+    m = cfg.model
+    for key in _MLA_KEYS:
+        if getattr(m, key) < 0:
+            raise ConfigError(f"model.{key} must be ≥ 0, got {getattr(m, key)}.")
+    if m.attention_kind != "mla":
+        if m.attention_kind != "mha":
+            raise ConfigError(f"model.attention_kind={m.attention_kind!r} is not one of ['mha', 'mla'].")
+        set_keys = [k for k in _MLA_KEYS if getattr(m, k)]
+        if set_keys:
+            raise ConfigError(f"model.{set_keys[0]} is a multi-head latent attention size; set "
+                              "model.attention_kind=mla to use it, or leave it at 0.")
+        return
+    r = m.resolved()
+    if m.family != "llama":
+        raise ConfigError("model.attention_kind=mla needs RoPE, RMSNorm and SwiGLU: use model.family=llama.")
+    if m.kv_lora_rank < 1:
+        raise ConfigError("model.attention_kind=mla compresses K and V into a latent: set model.kv_lora_rank ≥ 1 "
+                          "(DeepSeek-V3: 512).")
+    if r.qk_rope_dim < 2 or r.qk_rope_dim % 2:
+        raise ConfigError(f"model.qk_rope_dim={r.qk_rope_dim}: RoPE needs an even size ≥ 2; change "
+                          "model.qk_rope_dim (or model.head_dim, whose half it defaults to).")
+    if r.num_kv_heads != r.num_heads:
+        raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} does not apply to model.attention_kind=mla "
+                          "(every head gets its K and V from the latent); set model.num_kv_heads=0.")
+    if m.qkv_bias:
+        raise ConfigError("model.qkv_bias: multi-head latent attention has no q/k/v biases; set model.qkv_bias=false.")
+    if cfg.mesh.context != 1:
+        raise ConfigError("model.attention_kind=mla does not run context-parallel yet; set mesh.context=1 (split "
+                          "the batch, or heads with mesh.tensor, instead).")
 
 
 def _validate_moe(cfg: Config) -> None:

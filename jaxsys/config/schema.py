@@ -88,15 +88,16 @@ class ModelConfig:
     qkv_bias: bool = False  # llama only: biases on the query/key/value projections (Qwen2)
     attention: Literal["xla", "cudnn", "pallas"] = "xla"
     # "mha": multi-head / grouped-query attention. "mla": DeepSeek-V2/V3 multi-head latent
-    # attention — K and V (and Q when q_lora_rank > 0) through a low-rank compressed latent, each
-    # head's query/key split into a no-RoPE part (qk_nope_dim) and a decoupled RoPE part
-    # (qk_rope_dim, its key shared by all heads); values of v_head_dim. 0 = head_dim.
+    # attention (llama family; jaxsys.model.mla) — K and V (and Q when q_lora_rank > 0) through a
+    # low-rank compressed latent, each head's query/key split into a no-RoPE part (qk_nope_dim)
+    # and a decoupled RoPE part (qk_rope_dim, its key shared by all heads); values of
+    # v_head_dim. num_kv_heads does not apply (every head has its own K and V from the latent).
     attention_kind: Literal["mha", "mla"] = "mha"
     q_lora_rank: int = 0  # 0 = queries projected directly from the residual
-    kv_lora_rank: int = 0
-    qk_nope_dim: int = 0
-    qk_rope_dim: int = 0
-    v_head_dim: int = 0
+    kv_lora_rank: int = 0  # the K/V latent's rank; must be ≥ 1 with attention_kind=mla
+    qk_nope_dim: int = 0  # 0 = head_dim
+    qk_rope_dim: int = 0  # 0 = head_dim // 2 (DeepSeek-V3: 64 beside 128)
+    v_head_dim: int = 0  # 0 = head_dim
     scan_layers: bool = True
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -111,16 +112,20 @@ class ModelConfig:
     def resolved(self) -> "ModelConfig":
         """This config with every derived size filled in under its own name: `num_kv_heads`
         (0 -> num_heads), `head_dim` (0 -> embed_dim // num_heads), `mlp_dim` (0 -> 4·D for
-        gpt2, the Llama 8/3·D rule rounded up to 64 for llama). Idempotent."""
+        gpt2, the Llama 8/3·D rule rounded up to 64 for llama), and MLA's `qk_nope_dim` and
+        `v_head_dim` (0 -> head_dim) and `qk_rope_dim` (0 -> head_dim // 2). Idempotent."""
         if self.mlp_dim:
             mlp = self.mlp_dim
         elif self.family == "gpt2":
             mlp = 4 * self.embed_dim
         else:
             mlp = 64 * -(-int(8 * self.embed_dim / 3) // 64)
+        head_dim = self.head_dim or self.embed_dim // self.num_heads
         return dataclasses.replace(self, num_kv_heads=self.num_kv_heads or self.num_heads,
-                                   head_dim=self.head_dim or self.embed_dim // self.num_heads,
-                                   mlp_dim=mlp)
+                                   head_dim=head_dim, mlp_dim=mlp,
+                                   qk_nope_dim=self.qk_nope_dim or head_dim,
+                                   qk_rope_dim=self.qk_rope_dim or head_dim // 2,
+                                   v_head_dim=self.v_head_dim or head_dim)
 
 
 @dataclass(frozen=True)

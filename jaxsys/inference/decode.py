@@ -43,8 +43,8 @@ from jaxsys.config import ConfigError
 from jaxsys.inference import placement
 from jaxsys.inference.quantize import QuantizedWeight, dequantizing
 from jaxsys.inference.sampler import SamplerArrays, SamplingParams, sample_tokens, stack_params
-from jaxsys.model import hooks, kv_cache
-from jaxsys.model.transformer import Transformer, unstack_layers
+from jaxsys.model import hooks, kv_cache, moe
+from jaxsys.model.transformer import Transformer, unstack_layers, unstack_tree
 from jaxsys.parallel.install import parallelize
 
 MIN_BUCKET = 16
@@ -76,13 +76,21 @@ class Completion:
     finish_reason: str
 
 
+def check_model_state(cfg: Any, model_state: dict) -> None:
+    """`ConfigError` when the model of `cfg` (a ModelConfig) applies a loss-free MoE bias and
+    `model_state` does not carry it."""
+    if cfg.moe.num_experts and cfg.moe.bias_update_rate > 0 and moe.BIAS not in model_state:
+        raise ConfigError("This MoE model selects experts with the loss-free bias (model.moe.bias_update_rate > 0): "
+                          "pass the run's model state too (model_state=LoadedRun.model_state, or the train "
+                          "state's model_state).")
+
+
 def empty_caches(model: Transformer, batch: int, slots: int, kv_dtype: str) -> Any:
     """Zeroed KV caches for `model`: a tuple of per-layer caches, or one stacked (scan_layers)."""
     c = model.cfg.resolved()
     if c.scan_layers:
-        return kv_cache.empty(batch, slots, c.num_kv_heads, c.head_dim, kv_dtype, layers=c.num_layers)
-    return tuple(kv_cache.empty(batch, slots, c.num_kv_heads, c.head_dim, kv_dtype)
-                 for _ in range(c.num_layers))
+        return kv_cache.for_model(c, batch, slots, kv_dtype, layers=c.num_layers)
+    return tuple(kv_cache.for_model(c, batch, slots, kv_dtype) for _ in range(c.num_layers))
 
 
 def is_quantized(params: Any) -> bool:
@@ -93,32 +101,35 @@ def is_quantized(params: Any) -> bool:
 
 def apply_decode(model: Transformer, params: Any, tokens_BT: jax.Array, positions_BT: jax.Array,
                   caches: Any, logits_at_B: jax.Array | None = None,
-                  mesh: Mesh | None = None) -> tuple[jax.Array, Any]:
+                  mesh: Mesh | None = None, model_state: dict | None = None) -> tuple[jax.Array, Any]:
     """`Transformer.decode`, laid out on `mesh` by the parallel hooks when given, with int8
-    weights dequantized at their point of use (before the parallel hooks see them)."""
+    weights dequantized at their point of use (before the parallel hooks see them).
+    `model_state`: the variables besides the parameters (the MoE loss-free bias), if any."""
     with contextlib.ExitStack() as stack:
         if mesh is not None:
             stack.enter_context(parallelize(mesh))
         if is_quantized(params):
             stack.enter_context(hooks.installed(dequantizing()))
-        return model.apply({"params": params}, tokens_BT, positions_BT, caches, logits_at_B, method="decode")
+        return model.apply({"params": params, **(model_state or {})}, tokens_BT, positions_BT, caches,
+                           logits_at_B, method="decode")
 
 
 @partial(jax.jit, static_argnames=("model", "mesh"), donate_argnames=("caches",))
 def prefill(model: Transformer, params: Any, tokens_BT: jax.Array, lengths_B: jax.Array,
-            caches: Any, mesh: Mesh | None = None) -> tuple[jax.Array, Any]:
+            caches: Any, mesh: Mesh | None = None, model_state: dict | None = None) -> tuple[jax.Array, Any]:
     """Run the right-padded prompts from slot 0: (float32 next-token logits [B, V] at each row's
     last prompt token, caches holding slots 0 .. T-1)."""
     TRACES["prefill"] += 1
     B, T = tokens_BT.shape
     positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-    logits_B1V, caches = apply_decode(model, params, tokens_BT, positions_BT, caches, lengths_B - 1, mesh)
+    logits_B1V, caches = apply_decode(model, params, tokens_BT, positions_BT, caches, lengths_B - 1, mesh,
+                                      model_state)
     return logits_B1V[:, 0], caches
 
 
-def _decode_body(model: Transformer, mesh: Mesh | None, params: Any, arrays: SamplerArrays, keys_B: jax.Array,
-                 stop_BM: jax.Array, max_new_B: jax.Array, num_tokens: int, slots: int,
-                 carry: dict) -> dict:
+def _decode_body(model: Transformer, mesh: Mesh | None, params: Any, model_state: dict | None,
+                 arrays: SamplerArrays, keys_B: jax.Array, stop_BM: jax.Array, max_new_B: jax.Array,
+                 num_tokens: int, slots: int, carry: dict) -> dict:
     """One step of the decode loop: sample a token per unfinished row and feed it."""
     s = dict(carry)
     B = s["n_B"].shape[0]
@@ -138,7 +149,7 @@ def _decode_body(model: Transformer, mesh: Mesh | None, params: Any, arrays: Sam
     s["done_B"] = s["done_B"] | stopped_B | (s["n_B"] >= max_new_B)
     pos_B = jnp.minimum(s["length_B"], slots - 1)  # finished rows write into a slot nobody reads
     logits_B1V, s["caches"] = apply_decode(model, params, tok_B[:, None], pos_B[:, None], s["caches"],
-                                            jnp.zeros((B,), jnp.int32), mesh)
+                                            jnp.zeros((B,), jnp.int32), mesh, model_state)
     s["logits_BV"] = jnp.where(active_B[:, None], logits_B1V[:, 0], s["logits_BV"])
     s["length_B"] = s["length_B"] + active_B
     s["steps"] = s["steps"] + 1
@@ -148,7 +159,7 @@ def _decode_body(model: Transformer, mesh: Mesh | None, params: Any, arrays: Sam
 @partial(jax.jit, static_argnames=("model", "num_tokens", "mesh"), donate_argnames=("carry",))
 def decode_loop(model: Transformer, params: Any, carry: dict, arrays: SamplerArrays, keys_B: jax.Array,
                 stop_BM: jax.Array, max_new_B: jax.Array, max_steps: jax.Array, num_tokens: int = 0,
-                mesh: Mesh | None = None) -> dict:
+                mesh: Mesh | None = None, model_state: dict | None = None) -> dict:
     """Decode until every row is finished, a running row has filled the cache, or `max_steps`
     steps (a traced bound: the host's chunk, no recompile) have run."""
     TRACES["decode"] += 1
@@ -158,7 +169,8 @@ def decode_loop(model: Transformer, params: Any, carry: dict, arrays: SamplerArr
         running_B = ~s["done_B"]
         return jnp.any(running_B) & jnp.all(~running_B | (s["length_B"] < slots)) & (s["steps"] < max_steps)
 
-    body = partial(_decode_body, model, mesh, params, arrays, keys_B, stop_BM, max_new_B, num_tokens, slots)
+    body = partial(_decode_body, model, mesh, params, model_state, arrays, keys_B, stop_BM, max_new_B,
+                   num_tokens, slots)
     carry = dict(carry, steps=jnp.zeros((), jnp.int32))
     return jax.lax.while_loop(cond, body, carry)
 
@@ -179,15 +191,22 @@ class Generator:
 
     `kv_dtype` is the cache's storage (`kv_cache.KV_DTYPES`); `num_tokens` > 0 keeps sampling
     below that id (a tokenizer smaller than the model's padded vocabulary). Parameters may be
-    int8 (`quantize.quantize_params`). A `scan_layers` model decodes with its layers unrolled
-    (`transformer.unstack_layers`), the same weights. With a `mesh` (data × tensor), parameters and caches are
-    placed on it (`placement`) and every step runs with the model's parallel hooks."""
+    int8 (`quantize.quantize_params`). `model_state` is the run's variables besides the
+    parameters (`LoadedRun.model_state`: the MoE loss-free bias), required when the model has
+    them. A `scan_layers` model decodes with its layers unrolled (`transformer.unstack_layers`;
+    the bias tree is unstacked the same way), the same weights. With a `mesh` (data × tensor),
+    parameters and caches are placed on it (`placement`), the model state replicated, and every
+    step runs with the model's parallel hooks."""
 
     def __init__(self, model: Transformer, params: Any, *, kv_dtype: str = "float32", num_tokens: int = 0,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, model_state: dict | None = None):
         if kv_dtype not in kv_cache.KV_DTYPES:
             raise ConfigError(f"kv_dtype={kv_dtype!r}: choose one of {kv_cache.KV_DTYPES}.")
+        model_state = model_state or {}
+        if params is not None:
+            check_model_state(model.cfg, model_state)
         if model.cfg.scan_layers:  # per-layer caches, updated in place (see `unstack_layers`)
+            model_state = {k: unstack_tree(model.cfg, v) for k, v in model_state.items()}
             cfg, params = unstack_layers(model.cfg, params) if params is not None else (
                 dataclasses.replace(model.cfg, scan_layers=False), None)
             model = Transformer(cfg)
@@ -195,7 +214,9 @@ class Generator:
             placement.check_mesh(model.cfg, mesh)
             if params is not None:
                 params = placement.place_params(params, model.cfg, mesh)
+            model_state = jax.device_put(model_state, NamedSharding(mesh, PartitionSpec()))
         self.model, self.params, self.kv_dtype, self.mesh = model, params, kv_dtype, mesh
+        self.model_state = model_state
         self.cfg = model.cfg.resolved()
         self.num_tokens = num_tokens
         self.vocab = num_tokens or self.cfg.vocab_size
@@ -258,7 +279,7 @@ class Generator:
             (carry, arrays, keys_B, stop_BM, max_new_B, steps))
         while True:
             carry = decode_loop(self.model, self.params, carry, arrays, keys_B, stop_BM, max_new_B, steps,
-                                num_tokens=self.num_tokens, mesh=self.mesh)
+                                num_tokens=self.num_tokens, mesh=self.mesh, model_state=self.model_state)
             done = np.asarray(carry["done_B"])
             if on_chunk is not None:
                 n = np.asarray(carry["n_B"])
@@ -300,7 +321,7 @@ class Generator:
             tokens_BT[b, :len(p)] = p
         lengths_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
         logits_BV, caches = prefill(self.model, self.params, jnp.asarray(tokens_BT), lengths_B,
-                                    self.empty_caches(len(prompts), slots), self.mesh)
+                                    self.empty_caches(len(prompts), slots), self.mesh, self.model_state)
         return logits_BV, caches, lengths_B
 
     def _seen(self, history: list[list[int]]) -> jax.Array:

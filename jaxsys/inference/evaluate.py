@@ -15,7 +15,8 @@ Bits per byte = total nats / ln 2 / UTF-8 bytes of the predicted tokens: a byte 
 byte (so bits per byte = nats per token / ln 2), a character token the bytes of its character.
 Runs whose tokens are plain ids have no byte count, and no bits per byte.
 
-Runs on one device (the parameters as `load_run` restores them). Shapes: B batch, T sequence.
+Runs on one device (the parameters and model state, e.g. the MoE bias, as `load_run`
+restores them). Shapes: B batch, T sequence.
 """
 
 from __future__ import annotations
@@ -87,13 +88,13 @@ def _on_val_split(run_dir: Path, run: LoadedRun, num_batches: int | None) -> Eva
                           "was trained with (the file changed?); evaluate on a file with --data instead.")
     n = num_batches or cfg.train.eval_batches
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    loss_fn = jax.jit(lambda p, b: loss_lib.loss(run.model, p, b, None))
+    loss_fn = jax.jit(lambda p, b, state: loss_lib.loss(run.model, p, b, None, state))
     table = token_bytes(run.tokenizer)
     losses, nbytes = [], 0
     for i in range(n):
         batch = batches_lib.global_batch(corpus.val, cfg.train.seed, i, "val", cfg.train.batch_size,
                                          cfg.model.seq_len, one)
-        losses.append(float(loss_fn(run.params, batch)))  # one at a time, like training's eval
+        losses.append(float(loss_fn(run.params, batch, run.model_state)))  # one at a time, like training's eval
         counted = _count_bytes(table, np.asarray(batch["targets"]))
         nbytes = None if counted is None or nbytes is None else nbytes + counted
     loss = sum(losses) / n  # the same sum, in the same order, as jaxsys.train.loop.evaluate
@@ -134,10 +135,12 @@ def _on_file(run_dir: Path, run: LoadedRun, path: Path, num_batches: int | None)
     n = min(num_batches or len(inputs_NBT), len(inputs_NBT))
 
     @jax.jit
-    def nats(params, inputs_BT, targets_BT, mask_BT):
-        return (loss_lib.token_losses(run.model, params, inputs_BT, targets_BT) * mask_BT).sum()
+    def nats(params, model_state, inputs_BT, targets_BT, mask_BT):
+        losses_BT = loss_lib.token_losses(run.model, params, inputs_BT, targets_BT, model_state=model_state)
+        return (losses_BT * mask_BT).sum()
 
-    total_nats = sum(float(nats(run.params, inputs_NBT[i], targets_NBT[i], mask_NBT[i])) for i in range(n))
+    total_nats = sum(float(nats(run.params, run.model_state, inputs_NBT[i], targets_NBT[i], mask_NBT[i]))
+                     for i in range(n))
     tokens_done = int(mask_NBT[:n].sum())
     nbytes = _count_bytes(token_bytes(run.tokenizer), targets_NBT[:n], mask_NBT[:n])
     return _result(run_dir, run, str(path), n, tokens_done, nbytes, total_nats, total_nats / tokens_done)

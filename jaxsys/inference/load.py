@@ -1,8 +1,12 @@
 """Loading a run directory for generation: its config, tokenizer and newest usable parameters.
 
-Only the parameters are wanted, on one device, so nothing of training is built: the config and
-tokenizer come from the run's JSON files, the parameter shapes from the model, and
-`checkpoint.manager.restore_params` reads the `params` of the saved train state. The step is
+Only the parameters and the model state are wanted, on one device, so nothing of training is
+built: the config and tokenizer come from the run's JSON files, the shapes from the model, and
+`checkpoint.manager.restore_items` reads the `params` and `model_state` of the saved train
+state. The model state is what the model applies besides its parameters (the MoE loss-free
+bias, `{"moe_bias": tree}`, with `model.moe.bias_update_rate` > 0; `{}` otherwise): every
+inference path takes it beside the parameters, `model.apply({"params": p, **model_state}, ...)`.
+A checkpoint without one (a params-only import) gets the zero bias training would start from. The step is
 chosen as training chooses it (`select_resume_step`: the newest whose files match their
 manifest; damaged ones are moved to `rejected_checkpoints/`), and its metadata is compared with
 the model of config.json before any array is read.
@@ -10,6 +14,7 @@ the model of config.json before any array is read.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +26,7 @@ from jaxsys.checkpoint import manager as ckpt
 from jaxsys.checkpoint import run_files
 from jaxsys.config import Config, ConfigError
 from jaxsys.data.tokenizers import Tokenizer, tokenizer_from_json
-from jaxsys.model.transformer import Transformer, abstract_params
+from jaxsys.model.transformer import Transformer, abstract_model_state, abstract_params
 
 
 def _stderr(msg: str) -> None:
@@ -37,6 +42,7 @@ class LoadedRun:
     params: Any
     tokenizer: Tokenizer
     step: int  # the loaded checkpoint's step
+    model_state: dict[str, Any] = dataclasses.field(default_factory=dict)  # {"moe_bias": ...} or {}
 
 
 def read_run(run_dir: str | Path) -> tuple[Config, Tokenizer]:
@@ -59,6 +65,14 @@ def read_run(run_dir: str | Path) -> tuple[Config, Tokenizer]:
 def load_params(run_dir: str | Path, cfg: Config, log: Callable[[str], None] = _stderr) -> tuple[int, Any]:
     """(step, params on one device) of the newest usable checkpoint of `run_dir`, whose metadata
     must match `cfg.model`. What it set aside and which step it loaded go to `log`."""
+    step, params, _ = load_variables(run_dir, cfg, log)
+    return step, params
+
+
+def load_variables(run_dir: str | Path, cfg: Config, log: Callable[[str], None] = _stderr
+                   ) -> tuple[int, Any, dict[str, Any]]:
+    """(step, params, model state) on one device of the newest usable checkpoint of `run_dir`
+    (see `load_params`); the model state is `{}` for a model without one."""
     run_dir = Path(run_dir)
     if not ckpt.step_dirs(run_dir):
         raise FileNotFoundError(f"No checkpoint in {run_dir / 'checkpoints'}; train first (checkpoint.every > 0).")
@@ -68,15 +82,21 @@ def load_params(run_dir: str | Path, cfg: Config, log: Callable[[str], None] = _
                                 f"above and {run_dir / ckpt.REJECTED}).")
     params, _ = abstract_params(cfg.model)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), params)
+    on_one = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), tree)
+    state = abstract_model_state(cfg.model)
     manager = ckpt.make_manager(run_dir, cfg.checkpoint, read_only=True)
     try:
-        ckpt.check_params_compatible(manager, step, target)  # config.json against the checkpoint
-        _, params = ckpt.restore_params(manager, target, step)
+        ckpt.check_params_compatible(manager, step, on_one(params))  # config.json against the checkpoint
+        targets = {"params": on_one(params), **({"model_state": on_one(state)} if state else {})}
+        _, items = ckpt.restore_items(manager, targets, step)
     finally:
         manager.close()
+    model_state = items.get("model_state")
+    if model_state is None:  # a params-only checkpoint: the bias a fine-tune would start from
+        model_state = jax.tree_util.tree_map(lambda x: jax.device_put(jax.numpy.zeros(x.shape, x.dtype), one), state)
     log(f"Loaded checkpoint step {step} from {run_dir / 'checkpoints'}")
-    return step, params
+    return step, items["params"], model_state
 
 
 def load_run(run_dir: str | Path, log: Callable[[str], None] = _stderr) -> LoadedRun:
@@ -84,8 +104,8 @@ def load_run(run_dir: str | Path, log: Callable[[str], None] = _stderr) -> Loade
     What it set aside and which step it loaded go to `log` (stderr: stdout is the sample).
     Raises FileNotFoundError / ConfigError with one line naming the file or step."""
     cfg, tokenizer = read_run(run_dir)
-    step, params = load_params(run_dir, cfg, log)
-    return LoadedRun(cfg, Transformer(cfg.model), params, tokenizer, int(step))
+    step, params, model_state = load_variables(run_dir, cfg, log)
+    return LoadedRun(cfg, Transformer(cfg.model), params, tokenizer, int(step), model_state)
 
 
 def load_for_sampling(run_dir: str | Path, log: Callable[[str], None] = _stderr

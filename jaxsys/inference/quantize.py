@@ -20,7 +20,12 @@ F MLP hidden, V vocabulary, T positions, L layers (stacked only):
 
     attn.wq [L,] D H E -> [L,] 1 H E     attn.wk / wv [L,] D K E -> [L,] 1 K E
     attn.wo [L,] H E D -> [L,] 1 1 D     mlp.wi / wi_gate / wi_up [L,] D F -> [L,] 1 F
+    MLA (Q a latent's rank, W a query/key head, Y its RoPE part, nope = W - Y, `jaxsys.model.mla`):
+    attn.wq_a [L,] D Q -> [L,] 1 Q      attn.wkv_a [L,] D (Q+Y) -> [L,] 1 (Q+Y)
+    attn.wq_b [L,] Q H W -> [L,] 1 H W  attn.wkv_b [L,] Q H (nope+E) -> [L,] 1 H (nope+E)
     mlp.wo  [L,] F D   -> [L,] 1 D       head (llama) D V -> 1 V
+    moe.w_in / w_gate [L,] X D F -> [L,] X 1 F   moe.w_out [L,] X F D -> [L,] X 1 D (X experts;
+    shared.* as mlp.*; the router [D, X] stays float: its top-k is a choice rounding could flip)
     embed   V D        -> V 1            one scale per token row: the row lookup needs it, and
                                          the tied gpt2 head contracts D, so it is per output V
     pos_embed T D      -> T 1            gpt2's position table: added, not multiplied; quantized
@@ -59,6 +64,10 @@ _CONTRACTED: dict[str, tuple[str, ...]] = {
     "attn.wk": ("embed",),
     "attn.wv": ("embed",),
     "attn.wo": ("heads", "head_dim"),  # bthe,hed->btd
+    "attn.wq_a": ("embed",),  # MLA (jaxsys.model.mla): btd,dr->btr, the latents
+    "attn.wkv_a": ("embed",),
+    "attn.wq_b": ("latent",),  # btq,qhw->bthw
+    "attn.wkv_b": ("latent",),  # btq,qhj->bthj (decoding also contracts its key half over nope)
     "mlp.wi": ("embed",),  # btd,df->btf
     "mlp.wi_gate": ("embed",),  # btd,djf->btjf (fused gate/up; stacked after dequantization)
     "mlp.wi_up": ("embed",),
@@ -66,9 +75,17 @@ _CONTRACTED: dict[str, tuple[str, ...]] = {
     "embed": ("embed",),  # row lookup, and gpt2's tied head btd,dv->btv on its transpose
     "head": ("embed",),  # llama: btd,dv->btv
     "pos_embed": ("embed",),  # gpt2: rows added to the embedding
+    "moe.w_in": ("embed",),  # MoE experts: bxud,xdf->bxuf (or ragged_dot), one scale per expert and F
+    "moe.w_gate": ("embed",),
+    "moe.w_out": ("mlp",),  # bxuf,xfd->bxud
+    "shared.wi": ("embed",),  # an MoE layer's shared experts: the dense MLP under another name
+    "shared.wi_gate": ("embed",),
+    "shared.wi_up": ("embed",),
+    "shared.wo": ("mlp",),
 }
-# Two-axis parameters that stay float: gpt2's attention biases [H, E] / [K, E], added to q, k, v.
-_FLOAT: frozenset[str] = frozenset({"attn.bq", "attn.bk", "attn.bv"})
+# Two-axis parameters that stay float: gpt2's attention biases [H, E] / [K, E], added to q, k, v;
+# the MoE router [D, X], whose top-k picks the experts (rounding could flip a choice, and it is small).
+_FLOAT: frozenset[str] = frozenset({"attn.bq", "attn.bk", "attn.bv", "moe.router"})
 _LAYERS = "layers"
 
 

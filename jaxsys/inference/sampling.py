@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxsys.config import ConfigError
 from jaxsys.data.tokenizers import Tokenizer
-from jaxsys.inference.decode import Completion, Generator, Request
+from jaxsys.inference.decode import Completion, Generator, Request, check_model_state
 from jaxsys.inference.sampler import SamplingParams
 from jaxsys.inference.speculative import SpeculativeStats, speculative_generate
 from jaxsys.model.transformer import Transformer
@@ -28,12 +28,13 @@ from jaxsys.model.transformer import Transformer
 @partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k", "num_tokens"))
 def generate_recompute(model: Transformer, params: Any, prompt_T: jax.Array, key: jax.Array, *,
                        max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                       num_tokens: int = 0) -> jax.Array:
+                       num_tokens: int = 0, model_state: dict | None = None) -> jax.Array:
     """The no-cache baseline: the prompt followed by `max_new_tokens` sampled ids, int32
     [prompt length + max_new_tokens]; every step runs the model on the last `seq_len` tokens.
 
     temperature 0 means greedy decoding; top_k 0 means no truncation; `num_tokens` > 0 limits
-    sampling to ids below it (the tokenizer's vocabulary, when the model's is padded larger)."""
+    sampling to ids below it (the tokenizer's vocabulary, when the model's is padded larger).
+    `model_state`: the variables besides the parameters (the MoE loss-free bias), if any."""
     n = prompt_T.shape[0]
     T = model.cfg.seq_len
     total = n + max_new_tokens
@@ -44,7 +45,7 @@ def generate_recompute(model: Transformer, params: Any, prompt_T: jax.Array, key
         length = n + i  # tokens so far
         start = jnp.maximum(length - T, 0)
         window_T = jax.lax.dynamic_slice(buf, (start,), (T,))
-        logits_V = model.apply({"params": params}, window_T[None])[0, length - start - 1]
+        logits_V = model.apply({"params": params, **(model_state or {})}, window_T[None])[0, length - start - 1]
         key, sub = jax.random.split(key)
         if num_tokens:
             logits_V = jnp.where(jnp.arange(logits_V.shape[0]) < num_tokens, logits_V, -jnp.inf)
@@ -126,21 +127,24 @@ def complete(generator: Generator, tokenizer: Tokenizer, requests: Sequence[Text
 
 
 def sample_text(model: Transformer, params: Any, tokenizer: Tokenizer, prompt: str,
-                max_new_tokens: int, temperature: float = 0.8, top_k: int = 0, seed: int = 0) -> str:
+                max_new_tokens: int, temperature: float = 0.8, top_k: int = 0, seed: int = 0,
+                model_state: dict | None = None) -> str:
     """The prompt and `max_new_tokens` tokens after it, on one device: the sample `jaxsys
     train` prints at the end. It uses the recompute sampler, not the KV-cache engine: for one
     short sample the engine's compiles cost more than they save (measured 2026-12-01 on the
     2-core VM, shakespeare preset, 200 tokens, compile included: 1.8-2.2 s recompute against
-    6.9-7.5 s through `Generator`)."""
+    6.9-7.5 s through `Generator`). `model_state`: the run's variables besides the parameters
+    (`TrainState.model_state`: the MoE loss-free bias), if any."""
     sampling = SamplingParams(temperature=temperature, top_k=top_k, seed=seed)
     sampling.check(tokenizer.vocab_size or model.cfg.vocab_size)
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be ≥ 0.")
+    check_model_state(model.cfg, model_state or {})
     prompt_ids = encode_prompt(tokenizer, prompt)
-    params = jax.device_put(params, jax.devices()[0])  # sampling is small: one device
+    params, model_state = jax.device_put((params, model_state or {}), jax.devices()[0])  # small: one device
     ids = generate_recompute(model, params, jnp.asarray(prompt_ids), jax.random.key(seed),
                              max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                             num_tokens=tokenizer.vocab_size)
+                             num_tokens=tokenizer.vocab_size, model_state=model_state)
     return tokenizer.decode(np.asarray(ids))
 
 

@@ -59,7 +59,7 @@ def _probs(logits_BV: jax.Array, arrays: SamplerArrays, num_tokens: int) -> jax.
 
 
 def _round(models: tuple[Transformer, Transformer], gamma: int, num_tokens: int, mesh: Mesh | None,
-           params: tuple[Any, Any],
+           params: tuple[Any, Any], states: tuple[dict, dict],
            arrays: SamplerArrays, keys_B: jax.Array, stop_BM: jax.Array, max_new_B: jax.Array,
            s: dict) -> dict:
     """One speculative round for every row (finished rows compute and are left unchanged)."""
@@ -73,7 +73,7 @@ def _round(models: tuple[Transformer, Transformer], gamma: int, num_tokens: int,
     drafted, q_list = [], []
     for j in range(gamma + 1):
         logits_B1V, caches = apply_decode(draft, params[1], tok_B[:, None], (pos_B + j)[:, None], caches,
-                                           jnp.zeros((B,), jnp.int32), mesh)
+                                           jnp.zeros((B,), jnp.int32), mesh, states[1])
         if j == gamma:
             break  # this step only wrote x_{γ-1} into the draft's cache
         q_BV = _probs(logits_B1V[:, 0], arrays, num_tokens)
@@ -86,7 +86,7 @@ def _round(models: tuple[Transformer, Transformer], gamma: int, num_tokens: int,
     fed_BT = jnp.concatenate([s["cur_B"][:, None], draft_BR], axis=1)  # T = γ + 1
     positions_BT = pos_B[:, None] + jnp.arange(gamma + 1)
     logits_BTV, target_caches = apply_decode(target, params[0], fed_BT, positions_BT, s["target_caches"],
-                                              None, mesh)
+                                              None, mesh, states[0])
     p_BTV = jax.vmap(lambda lo: _probs(lo, arrays, num_tokens), in_axes=1, out_axes=1)(logits_BTV)
     accept_keys_B = jax.vmap(lambda k: jax.random.fold_in(k, 0))(round_keys_B)
     a_B, y_B = accept_draft(p_BTV, q_BRV, draft_BR, accept_keys_B)
@@ -121,10 +121,12 @@ def _round(models: tuple[Transformer, Transformer], gamma: int, num_tokens: int,
 @partial(jax.jit, static_argnames=("models", "gamma", "num_tokens", "mesh"), donate_argnames=("carry",))
 def speculative_loop(models: tuple[Transformer, Transformer], params: tuple[Any, Any], carry: dict,
                      arrays: SamplerArrays, keys_B: jax.Array, stop_BM: jax.Array, max_new_B: jax.Array,
-                     gamma: int, num_tokens: int = 0, mesh: Mesh | None = None) -> dict:
-    """Rounds until every row is finished (compiled once per batch, cache size and γ)."""
+                     gamma: int, num_tokens: int = 0, mesh: Mesh | None = None,
+                     states: tuple[dict, dict] = ({}, {})) -> dict:
+    """Rounds until every row is finished (compiled once per batch, cache size and γ).
+    `states`: the two models' states besides their parameters (the MoE bias), `{}` if none."""
     TRACES["speculative"] += 1
-    body = partial(_round, models, gamma, num_tokens, mesh, params, arrays, keys_B, stop_BM, max_new_B)
+    body = partial(_round, models, gamma, num_tokens, mesh, params, states, arrays, keys_B, stop_BM, max_new_B)
     return jax.lax.while_loop(lambda s: jnp.any(~s["done_B"]), body, carry)
 
 
@@ -167,7 +169,8 @@ def speculative_generate(target: Generator, draft: Generator, requests: Sequence
     lengths_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
     caches = []
     for g in (target, draft):  # both caches hold the prompt; its last token is re-fed as `cur`
-        _, c = prefill(g.model, g.params, jnp.asarray(tokens_BT), lengths_B, g.empty_caches(B, slots), g.mesh)
+        _, c = prefill(g.model, g.params, jnp.asarray(tokens_BT), lengths_B, g.empty_caches(B, slots), g.mesh,
+                       g.model_state)
         caches.append(c)
     carry = {"target_caches": caches[0], "draft_caches": caches[1],
              "cur_B": jnp.asarray([p[-1] for p in prompts], jnp.int32), "pos_B": lengths_B - 1,
@@ -181,7 +184,8 @@ def speculative_generate(target: Generator, draft: Generator, requests: Sequence
     carry = speculative_loop((target.model, draft.model), (target.params, draft.params), carry,
                              stack_params([r.sampling for r in requests]), keys_B, stop_BM,
                              jnp.asarray([r.max_new_tokens for r in requests], jnp.int32),
-                             gamma=gamma, num_tokens=target.num_tokens, mesh=target.mesh)
+                             gamma=gamma, num_tokens=target.num_tokens, mesh=target.mesh,
+                             states=(target.model_state, draft.model_state))
     n, stopped, out = (np.asarray(carry[k]) for k in ("n_B", "stopped_B", "tokens_BO"))
     completions = []
     for b, r in enumerate(requests):

@@ -22,14 +22,26 @@ meaning for them.
     I  a token's expert choices (`model.moe.top_k`)
     U  capacity: slots of one expert's buffer per sequence (`jaxsys.model.moe.capacity`)
 
+Multi-head latent attention (`model.attention_kind=mla`, `jaxsys.model.mla`), with the three
+letters the alphabet had left; E is then the value head size (`model.v_head_dim`), the size the
+output projection reads per head:
+
+    Q  a latent's rank: the query latent's (`model.q_lora_rank`) or the K/V latent's
+       (`model.kv_lora_rank`); an array holds one of them and its name says which (cq_BTQ, ckv_BTQ)
+    W  a query/key head (`model.qk_nope_dim` + `model.qk_rope_dim`)
+    Y  its decoupled RoPE part (`model.qk_rope_dim`; the key's is one per token, for all heads);
+       the rest, W - Y, has no letter (`q_nope`, `k_nope`)
+
 Logical axes (names, not letters) are what parameters and activations are annotated with;
 `jaxsys.parallel.rules` maps them onto mesh axes, and model code never names a mesh axis:
 
-    batch, seq, embed, heads, kv_heads, head_dim, mlp, vocab, layers, residual_seq, expert
+    batch, seq, embed, heads, kv_heads, head_dim, mlp, vocab, layers, residual_seq, expert, latent
 
 `residual_seq` is the sequence axis of the residual stream, kept apart from attention's `seq`
 so that sequence parallelism can split the one over `tensor` while the other stays whole.
 `expert` is the leading axis of the MoE experts' weights ([X, D, F] and [X, F, D]).
+`latent` is MLA's compressed rank axis (Q, and the K/V latent + RoPE key width): every device
+computes the whole latent (no rule splits it), heads are split after it.
 """
 
 from __future__ import annotations

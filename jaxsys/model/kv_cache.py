@@ -20,6 +20,11 @@ Two storage formats:
 - ``int8``: K and V rounded to int8 with one float32 scale per token and head (symmetric,
   max |x| / 127 over E), dequantized when read: a quarter of float32's bytes plus 1/E of scales.
 
+Multi-head latent attention (`model.attention_kind=mla`) caches its latent instead: one "head"
+whose key is the normed K/V latent (`model.kv_lora_rank` wide) and whose value is the rotated
+RoPE key (`model.qk_rope_dim` wide),
+see `cache_dims` and `jaxsys.model.mla`.
+
 The cache type lives here, beside the attention that reads it; the allocator and the decode
 loop that own it live in `jaxsys.inference`.
 """
@@ -31,6 +36,8 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from jaxsys.config import ModelConfig
 
 KV_DTYPES = ("float32", "bfloat16", "int8")
 
@@ -51,18 +58,37 @@ class LayerCache:
 
 
 def empty(batch: int, slots: int, kv_heads: int, head_dim: int, dtype: str = "float32",
-          layers: int | None = None) -> LayerCache:
+          layers: int | None = None, v_head_dim: int | None = None) -> LayerCache:
     """A zeroed cache of `slots` positions for `batch` rows, in storage `dtype` (`KV_DTYPES`);
-    with `layers`, stacked on a leading L axis (for `scan_layers`)."""
+    with `layers`, stacked on a leading L axis (for `scan_layers`). Values are `v_head_dim`
+    wide when given, else `head_dim` as the keys."""
     if dtype not in KV_DTYPES:
         raise ValueError(f"KV-cache dtype {dtype!r}: choose one of {KV_DTYPES}.")
     lead = () if layers is None else (layers,)
-    shape = (*lead, batch, kv_heads, slots, head_dim)
+    k_shape = (*lead, batch, kv_heads, slots, head_dim)
+    v_shape = (*lead, batch, kv_heads, slots, head_dim if v_head_dim is None else v_head_dim)
     if dtype == "int8":
         scale = (*lead, batch, kv_heads, slots)  # separate buffers: the cache is donated
-        return LayerCache(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8),
+        return LayerCache(jnp.zeros(k_shape, jnp.int8), jnp.zeros(v_shape, jnp.int8),
                           jnp.zeros(scale, jnp.float32), jnp.zeros(scale, jnp.float32))
-    return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    return LayerCache(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype))
+
+
+def cache_dims(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(heads K, key width, value width) of one token's cache entry in one layer: (K, E, E)
+    for multi-head / grouped-query attention; for MLA (`jaxsys.model.mla`) one "head" holding
+    the normed latent (kv_lora_rank) as the key and the rotated RoPE key (qk_rope_dim) as the value."""
+    c = cfg.resolved()
+    if c.attention_kind == "mla":
+        return 1, c.kv_lora_rank, c.qk_rope_dim
+    return c.num_kv_heads, c.head_dim, c.head_dim
+
+
+def for_model(cfg: ModelConfig, batch: int, slots: int, dtype: str = "float32",
+              layers: int | None = None) -> LayerCache:
+    """`empty` with `cfg`'s `cache_dims`."""
+    K, Ek, Ev = cache_dims(cfg)
+    return empty(batch, slots, K, Ek, dtype, layers, v_head_dim=Ev)
 
 
 def quantize(x_BKTE: jax.Array) -> tuple[jax.Array, jax.Array]:

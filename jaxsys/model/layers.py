@@ -1,4 +1,5 @@
-"""The layers of the transformer: norm, RoPE, attention, MLP and the pre-norm block.
+"""The layers of the transformer: parameters, norm, RoPE, attention and MLP (the block that
+joins them is `jaxsys.model.block`).
 
 Two families by `ModelConfig.family`:
   gpt2  — LayerNorm, GELU MLP (tanh or exact: `model.gelu`), biases;
@@ -29,12 +30,6 @@ from jaxsys.config import ModelConfig
 from jaxsys.model import attention as attention_lib
 from jaxsys.model import hooks, kv_cache
 from jaxsys.model.axes import ACT_BTD, H_BTF, KV_BTKE, Q_BTHE
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing inside a block: recompute it all in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
            std: float | None, dtype: Any) -> jax.Array:
@@ -180,31 +175,3 @@ class Mlp(nn.Module):
         if cfg.family == "gpt2":
             y_BTD += param(self, "bo", (D,), ("embed",), 0.0, pdt).astype(cdt)
         return y_BTD
-
-
-class Block(nn.Module):
-    """Pre-norm residual block: `(x, positions, cache, segment_ids) -> (x, cache)`, the (carry,
-    scanned output) signature `nn.scan` expects; the cache is None when training, the segment
-    ids (packed documents, int [B, T]) None but when packing. `ffn`: the block's MLP, None for
-    the dense `Mlp` (submodule "mlp"), or an MoE module class (`jaxsys.model.moe.MoeMlp`,
-    submodule "moe", called as `ffn(cfg)(x, decoding)`)."""
-
-    cfg: ModelConfig
-    deterministic: bool = True
-    ffn: Any = None
-
-    @nn.compact
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
-                 cache: kv_cache.LayerCache | None = None,
-                 segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, kv_cache.LayerCache | None]:
-        cfg = self.cfg
-        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        h_BTD, cache = Attention(cfg, name="attn")(Norm(cfg, name="ln_attn")(x_BTD), positions_BT, cache,
-                                                   segment_ids_BT)
-        x_BTD = hooks.constrain(x_BTD + drop(h_BTD), ACT_BTD)
-        if self.ffn is None:
-            h_BTD = Mlp(cfg, name="mlp")(Norm(cfg, name="ln_mlp")(x_BTD))
-        else:
-            h_BTD = self.ffn(cfg, name="moe")(Norm(cfg, name="ln_mlp")(x_BTD), cache is not None)
-        x_BTD = hooks.constrain(x_BTD + drop(h_BTD), ACT_BTD)
-        return x_BTD, cache

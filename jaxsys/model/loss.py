@@ -95,8 +95,10 @@ def objective(model: Transformer, params: Any, model_state: dict[str, Any], batc
 
 
 def token_losses(model: Transformer, params: Any, inputs_BT: jax.Array, targets_BT: jax.Array,
-                 positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+                 positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
+                 model_state: dict[str, Any] | None = None) -> jax.Array:
     """Next-token cross-entropy at every position, in nats, float32 [B, T] (no dropout): for
-    evaluations that mask padding or add up nats instead of averaging per batch."""
-    logits_BTV = model.apply({"params": params}, inputs_BT, positions_BT, segment_ids_BT)
+    evaluations that mask padding or add up nats instead of averaging per batch. `model_state`
+    as in `loss`."""
+    logits_BTV = model.apply({"params": params, **(model_state or {})}, inputs_BT, positions_BT, segment_ids_BT)
     return hooks.cross_entropy(logits_BTV, targets_BT)

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 from jaxsys.config import ModelConfig
 from jaxsys.model import hooks, moe
 from jaxsys.model.axes import ACT_BTD, LOGITS_BTV
-from jaxsys.model.layers import REMAT_POLICIES, Block, Norm
+from jaxsys.model.block import REMAT_POLICIES, Block
+from jaxsys.model.layers import Norm
 
 _EMBED_VD = ("vocab", "embed")
 

@@ -60,6 +60,7 @@ PARAM_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("head_dim", None),
+    ("latent", None),  # MLA's compressed rank: whole on every device (jaxsys.model.mla)
     ("layers", "pipe"),  # stacked layers split into pipeline stages (jaxsys.parallel.pipeline)
     ("expert", "expert"),  # MoE experts split over devices (jaxsys.parallel.expert)
 )
@@ -73,6 +74,7 @@ ACTIVATION_RULES: Rules = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("head_dim", None),
+    ("latent", None),
     ("residual_seq", None),  # the residual stream's sequence axis; -> tensor with SP
     ("expert", "expert"),  # expert weights at their point of use stay split (use_weight)
 )

@@ -28,7 +28,7 @@ from jaxsys.config import Config
 from jaxsys.config.hardware import peak_flops
 from jaxsys.data import batches as batches_lib
 from jaxsys.data.corpus import Corpus, check_corpus, load_corpus
-from jaxsys.model.flops import flops_per_token
+from jaxsys.model.flops import active_params, flops_per_token
 from jaxsys.model.params import count_params
 from jaxsys.parallel.mesh import layout_name, make_mesh
 from jaxsys.parallel.rules import with_shardings
@@ -271,7 +271,8 @@ class _Loop:
             self.writer = trackers_lib.Sinks([metrics, *trackers])
         self.profiler = StepProfiler(self.cfg.logging.profile_steps, run.run_dir, _log)
         self.tokens_per_step = self.cfg.train.batch_size * self.cfg.model.seq_len
-        self.flops_per_token = flops_per_token(self.cfg.model, run.num_params)
+        self.flops_per_token = flops_per_token(self.cfg.model, active_params(self.cfg.model, s.abstract_params,
+                                                                             s.logical_specs))
         self.peak = peak_flops(s.mesh.devices.flat[0].device_kind)
         self.bar = None
         if _console.shows_progress(self.cfg.logging) and _is_main() and start_step < self.cfg.train.steps:

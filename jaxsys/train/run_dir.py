@@ -31,8 +31,9 @@ CHANGES = "config_changes.jsonl"
 # `checkpoint.allow_changes` (the shape keys are then still checked against the checkpoint).
 MEANING_KEYS = tuple(f"model.{k}" for k in ("family", "vocab_size", "seq_len", "num_layers", "embed_dim",
                                             "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-                                            "scan_layers", "param_dtype")) + ("data.source", "data.tokenizer",
-                                                                                "data.sources")
+                                            "scan_layers", "param_dtype", "attention_kind", "q_lora_rank",
+                                            "kv_lora_rank", "qk_nope_dim", "qk_rope_dim", "v_head_dim")
+                     ) + ("data.source", "data.tokenizer", "data.sources")
 # Not a setting of the run: a copied or moved run directory resumes without a word.
 IGNORED_KEYS = ("run_dir",)
 

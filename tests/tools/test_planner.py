@@ -188,3 +188,24 @@ def test_search_reports_progress_and_refuses_a_bad_budget(monkeypatch):
     monkeypatch.setattr(planner, "plan", lambda c, devices, accelerator: _fake_plan(planner.layout_name(c), 1.0, 1.0, ()))
     planner.search(tiny_cfg(), jax.devices()[:2], progress=seen.append)
     assert seen[0] == "planning 1/7: data=2 ..." and len(seen) == 7  # data; fsdp × zero 0–3; tensor ± SP
+
+
+MLA = ("model.family=llama", "model.attention_kind=mla", "model.kv_lora_rank=16", "model.qk_nope_dim=4",
+       "model.qk_rope_dim=4", "model.v_head_dim=6")
+
+
+@pytest.mark.parametrize("q_lora", [20, pytest.param(0, marks=pytest.mark.slow)])
+def test_mla_tensor_all_reduces_equal_the_closed_form(q_lora):
+    """MLA at data=2 × tensor=4: the tensor all-reduces of loss + gradients (3 layers in a scan)
+    equal the closed form, whose latent cotangents replace (query latent) or add to (none)
+    an all-reduce of x per block. Q + U + Y = 40 != D = 32, so the two forms differ."""
+    cfg = tiny_cfg(*TP4, *MLA, f"model.q_lora_rank={q_lora}", "model.num_layers=3", "model.scan_layers=true")
+    s = layout(cfg)
+    measured = sum(c.wire_bytes * c.count for c in hlo_stats.collectives(grad_hlo(s), s.mesh)
+                   if c.axes == ("tensor",) and c.kind == "all-reduce")
+    formula = planner.closed_form_comm(cfg, dict(s.mesh.shape), tp_param_bytes=0.0)["all-reduce"]
+    mha = planner.closed_form_comm(apply_overrides(cfg, ["model.attention_kind=mha", "model.kv_lora_rank=0",
+                                                         "model.q_lora_rank=0", "model.qk_nope_dim=0",
+                                                         "model.qk_rope_dim=0", "model.v_head_dim=0"]),
+                                   dict(s.mesh.shape), tp_param_bytes=0.0)["all-reduce"]
+    assert measured == pytest.approx(formula) and formula != pytest.approx(mha)
