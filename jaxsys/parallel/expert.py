@@ -41,7 +41,7 @@ which does not split: there the plain version runs.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +104,11 @@ def expert_parallel(mesh: Mesh, rules: Rules, x_BTD: jax.Array, expert_BTI: jax.
         return plain(x_BTD, expert_BTI, slot_BTI, weight_BTI, w, act=act, capacity=capacity, dispatch=dispatch)
     tensor_split = dict(mesh.shape)["tensor"] > 1
 
+    compute_dtype = x_BTD.dtype
+
     def local(x_bTD, e_bTI, s_bTI, wt_bTI, w_local):
+        x_bTD, wt_bTI = x_bTD.astype(compute_dtype), wt_bTI.astype(compute_dtype)
+        w_local = {k: v.astype(compute_dtype) for k, v in w_local.items()}
         X = w_local["w_in"].shape[0] * n
         buf_bXUD = to_buffers(x_bTD, e_bTI, s_bTI, X, capacity)
         # Block j of the X axis (experts j·x ... (j+1)·x − 1) goes to device j; device i's rows
@@ -113,7 +117,9 @@ def expert_parallel(mesh: Mesh, rules: Rules, x_BTD: jax.Array, expert_BTI: jax.
         out_GxUD = expert_ffn(recv_GxUD, w_local, act)
         out_bXUD = jax.lax.all_to_all(out_GxUD, "expert", split_axis=0, concat_axis=1, tiled=True)
         y_bTD = from_buffers(out_bXUD, e_bTI, s_bTI, wt_bTI)
-        return jax.lax.psum(y_bTD, "tensor") if tensor_split else y_bTD
+        if not tensor_split:
+            return y_bTD
+        return jax.lax.psum(y_bTD.astype(jnp.float32), "tensor").astype(y_bTD.dtype)
 
     rows = P(DATA_AXES)
     w_specs = {k: logical_to_spec(EXPERT_XFD if k == "w_out" else EXPERT_XDF, rules) for k in w}
@@ -121,9 +127,16 @@ def expert_parallel(mesh: Mesh, rules: Rules, x_BTD: jax.Array, expert_BTI: jax.
     # tensor (with the output's cotangent divided over the unmentioned tensor axis) are exact;
     # gradients of weights that enter replicated over data/fsdp are summed by shard_map's
     # transpose, as in `jaxsys.parallel.zero`'s region the explicit sync does.
+    # Every cross-device sum runs in float32: the float inputs enter as float32 (cast back to the
+    # compute dtype inside), so the sums of their cotangents over the axes they are replicated on
+    # (tensor for x and the combine weights; the batch axes for the experts' weights) are float32
+    # too. A bfloat16 psum inside shard_map crashes XLA:CPU's all-reduce promotion pass (jax
+    # 0.10.2: "Invalid binary instruction opcode copy"), and float32 sums are the better numerics.
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     return shard_map(local, mesh, {*DATA_AXES, "tensor"},
                      in_specs=(rows, rows, rows, rows, w_specs), out_specs=rows,
-                     check_vma=False)(x_BTD, expert_BTI, slot_BTI, weight_BTI, w)
+                     check_vma=False)(f32(x_BTD), expert_BTI, slot_BTI, f32(weight_BTI),
+                                      {k: f32(v) for k, v in w.items()})
 
 
 def experts_hook(mesh: Mesh, rules: Rules, plain: Callable[..., jax.Array]) -> Callable[..., jax.Array]:

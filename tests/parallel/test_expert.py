@@ -12,6 +12,7 @@ Tolerance: float32, 1e-5 relative to the outputs' scale (sums of D·F products r
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +131,31 @@ def test_expert_parallel_equals_the_loop_and_its_gradients_one_device(sizes, act
     for a, b_ in zip(jax.tree_util.tree_leaves(g_par), jax.tree_util.tree_leaves(g_one)):
         assert np.abs(b_).max() > 1e-3
         np.testing.assert_allclose(a, b_, atol=1e-5 * np.abs(b_).max())
+
+
+@pytest.mark.parametrize("sizes", [dict(data=1, expert=8), dict(data=1, expert=2, tensor=4)])
+def test_bfloat16_compute_compiles_and_sums_in_float32(sizes):
+    """A bfloat16 model's layer and its gradients on an expert mesh: every cross-device sum is
+    float32 (a bfloat16 psum inside shard_map aborted XLA:CPU's compile), so the result equals
+    the float32 layer to bfloat16 rounding of its inputs."""
+    mesh = make_mesh(MeshConfig(**sizes))
+    args = problem("swiglu", T)
+    x, e, s, wt, w = args
+    bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+
+    def loss(x, wt, w, e, s):
+        y = expert.expert_parallel(mesh, ACTIVATION_RULES, x, e, s, wt, w, act="swiglu",
+                                   capacity=T, dispatch="dropless")
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    (xs, es, ss, wts), ws = on_mesh(mesh, (bf(x), e, s, bf(wt), {k: bf(v) for k, v in w.items()}))
+    lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 2))).lower(xs, wts, ws, es, ss)
+    hlo = lowered.as_text()
+    reduced = re.findall(r'"stablehlo.all_reduce".*?\}\) : \((tensor<[^>]*>)', hlo, re.S)
+    assert "all_to_all" in hlo and reduced and not [t for t in reduced if "bf16" in t], reduced
+    value, _ = lowered.compile()(xs, wts, ws, es, ss)
+    ref = np.sum(loop_reference(*args, "swiglu", T) ** 2)
+    assert abs(float(value) - ref) < 0.05 * abs(ref)  # bfloat16 inputs: ~3 significant digits
 
 
 # ----------------------------------------------------------------------------- refusals
