@@ -20,13 +20,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsys.model.loss import loss, token_losses
+from jaxsys.model.loss import token_losses
 from jaxsys.parallel import zero
-from jaxsys.parallel.install import parallelize
 from jaxsys.tools import expert_plan, planner
-from jaxsys.train.state import init_state
-from jaxsys.train.step import accumulate
-from tests.helpers import (host_batch, layout, loss_and_grads, losses_and_params_after_steps,
+from tests.equivalence.test_data_parallel import explicit_loss_and_grads
+from tests.helpers import (layout, loss_and_grads, losses_and_params_after_steps,
                            max_abs_diff, one_device_reference, tiny_cfg)
 
 
@@ -36,16 +34,6 @@ def moe(router: str = "softmax", dispatch: str = "capacity", family: str = "gpt2
            f"model.moe.router={router}", f"model.moe.dispatch={dispatch}", "model.moe.capacity_factor=1.0",
            f"model.family={family}")
     return out + (("model.num_kv_heads=4",) if family == "llama" else ())
-
-
-def explicit_loss_and_grads(s, params, batch):
-    grad_fn = jax.value_and_grad(lambda p, b, k: loss(s.model, p, b, k))
-    accumulate_ = functools.partial(accumulate, num_micro=s.cfg.train.grad_accum)
-    fn = zero.make_synced_grads(s.cfg, s.mesh, s.logical_specs, accumulate_, grad_fn)
-    with parallelize(s.mesh, s.activation_rules):
-        loss_, grads = jax.jit(lambda p, b: fn(p, b, None))(
-            jax.device_put(params, s.state_sharding.params), jax.device_put(batch, s.batch_sharding))
-    return float(loss_), jax.device_get(grads)
 
 
 @functools.lru_cache(maxsize=None)
