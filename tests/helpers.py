@@ -25,12 +25,15 @@ from jaxsys.train.step import compile_train_step
 
 def subprocess_env() -> dict[str, str]:
     """The environment for a fresh jaxsys process: this one's, with XLA_FLAGS kept but for the
-    simulated device count (the child gets 1 device unless its `--devices` says otherwise).
-    Keeping `tests/conftest.py`'s `--xla_backend_optimization_level=0` measured 19.1 -> 12.0 s
-    for one `jaxsys train --preset tiny` process."""
+    simulated device count, which is 1 (the child gets 1 device unless its `--devices` says
+    otherwise, whatever the machine's core count: `jaxsys train`'s one-device-per-core default
+    sees a count already chosen and leaves it). Keeping `tests/conftest.py`'s
+    `--xla_backend_optimization_level=0` measured 19.1 -> 12.0 s for one `jaxsys train --preset
+    tiny` process."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if "host_platform_device_count" not in f)
+    env["XLA_FLAGS"] = " ".join([*(f for f in env.get("XLA_FLAGS", "").split()
+                                   if "host_platform_device_count" not in f),
+                                 "--xla_force_host_platform_device_count=1"])
     return env
 
 

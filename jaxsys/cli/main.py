@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+
+_T_START = time.perf_counter()  # the imports phase of `jaxsys train`'s time breakdown starts here
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,10 +96,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from jaxsys.model.transformer import Transformer
     from jaxsys.train.console import Console
     from jaxsys.train.loop import train
+    from jaxsys.parallel.runtime import compile_cache_dir, enable_compile_cache
+    imports = time.perf_counter() - _T_START
+    enable_compile_cache(compile_cache_dir())  # a second run loads what the first compiled
     result = train(cfg)
+    timings = result.timings
+    timings.add("imports", imports)
     console = Console(cfg.logging)
     if jax.process_index() == 0:
-        _plot_curves(cfg, console)
+        with timings.phase("plot"):
+            _plot_curves(cfg, console)
     trained = result.final_step > result.start_step  # "Nothing to train" compiles nothing, samples nothing
     if cfg.logging.sample_tokens > 0 and not result.stopped_by and trained and not cfg.logging.quiet:
         params, model_state = result.state.params, result.state.model_state  # the MoE bias travels too
@@ -105,12 +114,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
             params, model_state = multihost_utils.process_allgather((params, model_state), tiled=True)
             if jax.process_index() != 0:
                 return 0
-        sample = sample_text(Transformer(cfg.model), params, result.tokenizer, cfg.logging.sample_prompt,
-                             cfg.logging.sample_tokens, seed=cfg.train.seed, model_state=model_state)
+        with timings.phase("sample"):
+            sample = sample_text(Transformer(cfg.model), params, result.tokenizer, cfg.logging.sample_prompt,
+                                 cfg.logging.sample_tokens, seed=cfg.train.seed, model_state=model_state)
         if console.json:
             console.log(sample, "sample")
         else:
             print("-" * 60 + "\n" + sample + "\n" + "-" * 60, flush=True)
+    if trained and jax.process_index() == 0:
+        console.log(timings.format(), "timings", **{f"{k}_seconds": v for k, v in timings.ordered()})
     return 0
 
 
@@ -197,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start from a saved config (a run's config.json) instead of a preset; "
                             "overrides still apply")
         p.add_argument("--devices", type=_count(1), default=None,
-                       help="simulate N ≥ 1 CPU devices (sets XLA's host device count)")
+                       help="simulate N ≥ 1 CPU devices (sets XLA's host device count); `train` "
+                            "defaults to one per CPU core when that divides the batch and the mesh is "
+                            "data-parallel only")
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="e.g. mesh.fsdp=4 train.steps=500 run_dir=runs/x")
         if name == "plan":
@@ -279,9 +293,12 @@ def _who() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from jaxsys.config import ConfigError
-    from jaxsys.parallel.runtime import initialize, simulate_cpu_devices
+    from jaxsys.parallel.runtime import default_cpu_devices, initialize, simulate_cpu_devices, wants_distributed
     try:
-        simulate_cpu_devices(getattr(args, "devices", None))
+        devices = getattr(args, "devices", None)
+        if args.command == "train" and devices is None and not wants_distributed(args.distributed):
+            devices = default_cpu_devices(_resolve(args))  # one device per core, where it divides
+        simulate_cpu_devices(devices)
         if args.command == "launch":
             return _cmd_launch(args)
         if args.command == "train":

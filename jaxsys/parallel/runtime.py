@@ -42,6 +42,60 @@ def simulate_cpu_devices(n: int | None) -> None:
             raise SystemExit(f"--devices {n}: jax was already initialised with {len(jax.devices())} devices.")
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS has no affinity masks
+        return os.cpu_count() or 1
+
+
+def default_cpu_devices(cfg, cores: int | None = None) -> int | None:
+    """How many simulated CPU devices `jaxsys train` asks for when `--devices` is not given:
+    one per core, so each core runs its own data-parallel replica instead of every small op
+    being split over all cores by XLA's thread pool (the main job: 1.4× faster on 2 cores,
+    docs/benchmarks.md). None (leave XLA's default of one device) when the user already chose
+    (`XLA_FLAGS` has a device count), when the mesh names any axis but `data`, or when no count
+    above 1 divides each accumulation microbatch (`train.batch_size / train.grad_accum`).
+    Harmless on a GPU machine: the flag only shapes the CPU platform."""
+    if "host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    m = cfg.mesh
+    if m.data != -1 or any(a != 1 for a in (m.fsdp, m.tensor, m.pipe, m.context, m.expert)):
+        return None
+    micro = cfg.train.batch_size // max(cfg.train.grad_accum, 1)
+    n = max((d for d in range(1, (cores or cpu_cores()) + 1) if micro % d == 0), default=1)
+    return n if n > 1 else None
+
+
+ENV_COMPILE_CACHE = "JAXSYS_COMPILE_CACHE"
+
+
+def compile_cache_dir() -> str | None:
+    """Where `jaxsys train` keeps JAX's persistent compilation cache: `$JAXSYS_COMPILE_CACHE`,
+    else `~/.cache/jaxsys/xla` (`$XDG_CACHE_HOME` respected); None when that variable is `off`
+    (or `0`, or empty), or when `JAX_COMPILATION_CACHE_DIR` is set (JAX's own settings rule)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    value = os.environ.get(ENV_COMPILE_CACHE)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "false", "no") else value
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxsys", "xla")
+
+
+def enable_compile_cache(path: str | None, min_compile_seconds: float = 0.5) -> None:
+    """Turn on JAX's persistent compilation cache in `path` (None: leave it off), so a second run
+    of the same program loads its executables instead of compiling them. Every program that
+    took ≥ `min_compile_seconds` to compile is kept; JAX keys entries by the program, its shardings, the
+    backend and the jax/jaxlib versions, so a stale entry is never loaded."""
+    if path is None:
+        return
+    import jax
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+
+
 def wants_distributed(flag: bool = False) -> bool:
     """Is this process one of several? (launcher env, `--distributed`, JAXSYS_DISTRIBUTED=1,
     or an `srun` step with more than one task)."""

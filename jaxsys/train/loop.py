@@ -40,6 +40,7 @@ from jaxsys.train.console import Console
 from jaxsys.train.metrics import MetricWriter
 from jaxsys.train.preemption import StopRequest
 from jaxsys.train.profiling import StepProfiler
+from jaxsys.train.timings import Timings
 from jaxsys.train import run_dir as run_dir_lib
 
 
@@ -61,6 +62,7 @@ class TrainResult:
     state: Any = None
     stopped_by: str = ""  # "SIGTERM"/"SIGINT" when a signal ended the run early (checkpoint saved)
     tokenizer: Any = None  # the data's tokenizer (to decode samples of the trained model)
+    timings: Timings = field(default_factory=Timings)  # seconds per phase (data, compile, training, ...)
 
 
 def _is_main() -> bool:
@@ -115,11 +117,12 @@ class _Run:
     changes: list = field(default_factory=list)  # run_dir.Change: settings that differ from config.json
 
 
-def _prepare(cfg: Config, devices: list | None) -> _Run:
+def _prepare(cfg: Config, devices: list | None, timings: Timings) -> _Run:
     """Every check that needs no compile: config, data, mesh and layout, run directory, disk."""
     config_lib.validate(cfg)
-    corpus = load_corpus(cfg.data)
-    check_corpus(cfg, corpus)
+    with timings.phase("data"):
+        corpus = load_corpus(cfg.data)
+        check_corpus(cfg, corpus)
     mesh = make_mesh(cfg.mesh, devices)
     s = state_lib.setup(cfg, mesh)
     run_dir = Path(cfg.run_dir)
@@ -257,8 +260,10 @@ class _Readback:
 class _Loop:
     """The step loop of one `train` call, with its eval, save and rollback policy."""
 
-    def __init__(self, run: _Run, manager: Any, step_fn: Any, eval_fn: Any, start_step: int):
+    def __init__(self, run: _Run, manager: Any, step_fn: Any, eval_fn: Any, start_step: int,
+                 timings: Timings):
         self.run, self.cfg, self.manager = run, run.cfg, manager
+        self.timings = timings  # the loop adds its "eval" and "checkpoints" seconds
         self.step_fn, self.eval_fn, self.start_step = step_fn, eval_fn, start_step
         s = run.setup
         self.val_data = val_batches(run.corpus, self.cfg, s.batch_sharding, self.cfg.train.eval_batches)
@@ -356,7 +361,8 @@ class _Loop:
         return step, state
 
     def _evaluate(self, done: int, state: Any) -> None:
-        self.val_loss = evaluate(self.eval_fn, state.params, self.val_data, state.model_state)
+        with self.timings.phase("eval"):
+            self.val_loss = evaluate(self.eval_fn, state.params, self.val_data, state.model_state)
         if self.writer is not None:
             self.writer.write(done, {"val_loss": self.val_loss})
         msg = f"step {done}: train loss {self.rb.last_loss:.4f}, val loss {self.val_loss:.4f}"
@@ -399,7 +405,8 @@ class _Loop:
             if is_eval or done == cfg.train.steps:
                 self._evaluate(done, state)
             if self.manager is not None:
-                self._save(done, state, is_save)
+                with self.timings.phase("checkpoints"):
+                    self._save(done, state, is_save)
             if stopped_by:
                 break
         self.drain(keep=0)
@@ -412,9 +419,10 @@ class _Loop:
         if self.bar is not None:
             self.bar.close()
         if self.manager is not None:
-            self.manager.wait_until_finished()
-            ckpt.write_missing_manifests(self.run.run_dir)  # written last: a step without one is incomplete
-            self.manager.close()
+            with self.timings.phase("checkpoints"):  # the last save finishing
+                self.manager.wait_until_finished()
+                ckpt.write_missing_manifests(self.run.run_dir)  # written last: a step without one is incomplete
+                self.manager.close()
         if self.writer is not None:
             self.writer.close()
 
@@ -424,13 +432,18 @@ def train(cfg: Config, devices: list | None = None) -> TrainResult:
     global _console
     _console = Console(cfg.logging)
     trackers_lib.check_available(cfg)  # a missing extra fails before anything is built
-    run = _prepare(cfg, devices)
+    timings = Timings()
+    t_setup = time.perf_counter()
+    run = _prepare(cfg, devices, timings)
     manager, start_step, state = _restore_or_init(run)
+    timings.add("setup", time.perf_counter() - t_setup - timings.seconds["data"])
     if start_step >= cfg.train.steps:
         return _nothing_to_train(run, manager, start_step, state)
     _accept(run, start_step)
     step_fn, eval_fn, compile_seconds = _compile(run)
-    loop = _Loop(run, manager, step_fn, eval_fn, start_step)
+    timings.add("compile", compile_seconds)
+    with timings.phase("setup"):  # validation batches on the devices, metric sinks
+        loop = _Loop(run, manager, step_fn, eval_fn, start_step, timings)
     loop_start = time.perf_counter()
     with StopRequest(_log) as stop:  # SIGTERM/SIGINT: stop after this step, with a checkpoint
         try:
@@ -438,11 +451,14 @@ def train(cfg: Config, devices: list | None = None) -> TrainResult:
         finally:
             loop.close()
     train_seconds = time.perf_counter() - loop_start
+    timings.add("training", train_seconds - timings.seconds.get("eval", 0.0)
+                - timings.seconds.get("checkpoints", 0.0))
     result = TrainResult(final_step=max(start_step, cfg.train.steps), start_step=start_step,
                          train_loss=loop.rb.last_loss, val_loss=loop.val_loss,
                          compile_seconds=compile_seconds, train_seconds=train_seconds,
                          tokens_per_sec=0.0, num_params=run.num_params, losses=loop.rb.losses,
-                         state=state, stopped_by=stopped_by, tokenizer=run.corpus.tokenizer)
+                         state=state, stopped_by=stopped_by, tokenizer=run.corpus.tokenizer,
+                         timings=timings)
     if stopped_by:
         result.final_step = int(jax.device_get(state.step))
         where = (f"checkpoint step {result.final_step} saved in {run.run_dir / 'checkpoints'}"

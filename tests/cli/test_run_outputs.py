@@ -34,13 +34,18 @@ def test_json_log_format_prints_one_event_object_per_line(json_run):
     events = [json.loads(line) for line in lines]  # every stdout line is JSON
     kinds = [e["event"] for e in events]
     assert kinds[:2] == ["start", "compiled"] and kinds.count("step") == 3 and kinds.count("eval") == 2
-    assert kinds[-3:] == ["done", "plot" if HAVE_MATPLOTLIB else "plot_skipped", "sample"]
+    assert kinds[-4:] == ["done", "plot" if HAVE_MATPLOTLIB else "plot_skipped", "sample", "timings"]
     steps = [e for e in events if e["event"] == "step"]
     assert [e["step"] for e in steps] == [1, 2, 3] and all(e["loss"] > 0 and e["lr"] > 0 for e in steps)
     done, last_eval = events[kinds.index("done")], [e for e in events if e["event"] == "eval"][-1]
     assert done["val_loss"] == last_eval["val_loss"] and done["final_step"] == 3 and done["steps"] == 3
     assert events[0]["run_dir"] == str(run_dir) and events[0]["devices"] == 8
-    assert events[-1]["message"].startswith("ROMEO:")
+    assert events[-2]["message"].startswith("ROMEO:")
+    timings = events[-1]  # the breakdown: every phase measured, adding up to the total printed
+    phases = ("imports", "data", "setup", "compile", "training", "eval", "checkpoints", "sample")
+    assert all(timings[f"{p}_seconds"] > 0 for p in phases)
+    total = float(timings["message"].rsplit("total ", 1)[1].rstrip("s"))
+    assert total == pytest.approx(sum(v for k, v in timings.items() if k.endswith("_seconds")), abs=0.06)
 
 
 def test_profile_steps_write_a_trace(json_run):
