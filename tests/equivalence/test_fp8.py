@@ -5,10 +5,13 @@ Each tensor's scale is its amax over the whole batch: inside the explicit sync's
 the scale one device would use. With each device's own amax instead (the pmax removed by hand,
 2026-12-01) the loss differed from one device's by 1.0e-4, fifty times the tolerance."""
 
+import pytest
+
 from tests.equivalence.test_data_parallel import explicit_loss_and_grads
 from tests.helpers import layout, max_abs_diff, one_device_reference, tiny_cfg
 
 
+@pytest.mark.slow  # 71 s on the loaded 2-core machine (2026-12-01): two more compiles of the model's gradients
 def test_fp8_data_parallel_equals_one_device():
     # (params, batch, loss, grads) at seed 0 on one device; the plain one is shared with
     # tests/equivalence/test_parallel.py (cached per worker).

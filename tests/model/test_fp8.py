@@ -29,23 +29,28 @@ def _qdq64(x, np_dtype, fmax, scale=None):
 def test_quantize_round_trip_matches_float64_reference(name):
     dt, np_dt, fmax, mant, emin = FORMATS[name]
     assert fp8.fp8_max(dt) == fmax
-    x = np.asarray(jax.random.normal(jax.random.key(0), (4096,), jnp.float32)) * 3.0
+    x = np.random.default_rng(0).normal(size=4096).astype(np.float32) * 3.0
     x[:4] = [0.0, 1e-6, -1e-6, 7.0]
     # A fixed scale so that some values saturate: x / 0.01 reaches ±1300 > 448 (e4m3).
     scale = float(np.float32(0.01 if name == "e4m3" else 1e-4))  # the same scale in both
-    q = fp8.quantize(jnp.asarray(x), dt, jnp.float32(scale))
+
+    @jax.jit  # one compile for the three
+    def run(x):
+        q = fp8.quantize(x, dt, jnp.float32(scale))
+        return q, fp8.dequantize(q, jnp.float32(scale), jnp.float32), fp8.quantize_dequantize(x, dt)
+
+    q, back, got = run(jnp.asarray(x))
     ref, q_ref, _ = _qdq64(x, np_dt, fmax, scale)
     assert q.dtype == dt
     np.testing.assert_array_equal(np.asarray(q).astype(np.float64), q_ref.astype(np.float64))
     assert np.max(np.abs(x / scale)) > fmax  # the saturation is exercised ...
     assert np.max(np.abs(np.asarray(q, np.float64))) == fmax  # ... and lands on ±fmax
-    back = fp8.dequantize(q, jnp.float32(scale), jnp.float32)
     np.testing.assert_allclose(np.asarray(back, np.float64), ref, rtol=2**-24, atol=0)
 
     # Current scaling: the largest element maps onto fmax, nothing saturates, and each
     # element's error is at most half a unit in its place (relative 2^-(m+1) for normals,
     # half the subnormal spacing times the scale below them).
-    got = np.asarray(fp8.quantize_dequantize(jnp.asarray(x), dt), np.float64)
+    got = np.asarray(got, np.float64)
     ref, _, s = _qdq64(x, np_dt, fmax)
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=0)
     bound = np.maximum(2.0 ** -(mant + 1) * np.abs(x), 2.0 ** (emin - mant - 1) * s)
@@ -56,20 +61,23 @@ def test_quantize_round_trip_matches_float64_reference(name):
 
 
 def test_current_scale_is_amax_over_fp8_max():
-    x = jnp.asarray([[0.5, -3.0], [2.0, 1.0]], jnp.float32)
-    assert float(fp8.current_scale(x, fp8.E4M3)) == pytest.approx(3.0 / 448.0, rel=1e-7)
-    assert float(fp8.current_scale(x, fp8.E5M2)) == pytest.approx(3.0 / 57344.0, rel=1e-7)
-    assert float(fp8.current_scale(jnp.zeros((3,)), fp8.E4M3)) == 1.0  # all zero: scale 1
-    assert float(fp8.current_scale(jnp.asarray([1.0, jnp.inf]), fp8.E4M3)) == 1.0
+    x = jnp.asarray([0.5, -3.0, 2.0, 1.0], jnp.float32)
+    zeros, inf, nan = jnp.zeros(4), x.at[1].set(jnp.inf), x.at[1].set(jnp.nan)
+    e4, e5, s0, s_inf, q_nan = jax.jit(lambda: (  # one compile
+        fp8.current_scale(x, fp8.E4M3), fp8.current_scale(x, fp8.E5M2), fp8.current_scale(zeros, fp8.E4M3),
+        fp8.current_scale(inf, fp8.E4M3), fp8.quantize_dequantize(nan, fp8.E4M3)))()
+    assert float(e4) == pytest.approx(3.0 / 448.0, rel=1e-7)
+    assert float(e5) == pytest.approx(3.0 / 57344.0, rel=1e-7)
+    assert float(s0) == 1.0 and float(s_inf) == 1.0  # all zero, or not finite: scale 1
     # A non-finite value is not hidden: it survives the round trip, so the step is skipped.
-    assert np.isnan(np.asarray(fp8.quantize_dequantize(jnp.asarray([1.0, jnp.nan]), fp8.E4M3))[1])
+    assert np.isnan(np.asarray(q_nan)[1])
 
 
 def test_fp8_matmul_and_gradients_match_a_reference_that_quantizes_the_same_way():
-    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
-    x_BTD = jax.random.normal(k1, (2, 8, 32), jnp.float32)
-    w_DF = jax.random.normal(k2, (32, 48), jnp.float32) * 0.1
-    c_BTF = jax.random.normal(k3, (2, 8, 48), jnp.float32)  # the upstream gradient dy
+    rng = np.random.default_rng(1)
+    x_BTD = jnp.asarray(rng.normal(size=(2, 8, 32)), jnp.float32)
+    w_DF = jnp.asarray(rng.normal(size=(32, 48)) * 0.1, jnp.float32)
+    c_BTF = jnp.asarray(rng.normal(size=(2, 8, 48)), jnp.float32)  # the upstream gradient dy
     einsum = lambda spec, a, b: jnp.einsum(spec, a, b)  # noqa: E731
 
     def f(x, w):
@@ -100,12 +108,12 @@ STEPS = 20
 
 
 def test_tiny_training_in_fp8_tracks_bf16():
-    """20 steps of the tiny preset (lr 1e-2, loss 5.6 -> ~3): fp8 (on bf16 compute) against
-    plain bf16, from the same initialisation and batches. Tolerance 0.05 nats at every step:
-    e4m3 keeps 3 mantissa bits (relative rounding ≤ 2^-4 per element, against bf16's 2^-8), which
-    averaged over a D=32 contraction moves each logit by ~1% of its size; 0.05 nats is ~1% of
-    the loss, about the step-to-step change of the loss late in the run, so a curve that lags
-    or drifts by one step's progress fails."""
+    """20 steps of the tiny preset (lr 1e-2, loss 5.53 -> 3.30): fp8 on bf16 compute against plain
+    bf16, from the same initialisation and batches. Tolerance 0.05 nats at every step, under 1.5%
+    of the loss: the largest gap measured was 0.022 (step 15, 2026-12-01). Rounding differences
+    grow along a run at this preset's high constant lr (over 300 steps fp32 and bf16 themselves
+    drift 0.19 apart, experiments/fp8.py), so 20 steps is where a per-step bound still tests the
+    fp8 rounding rather than that divergence."""
     bf16, _ = losses_and_params_after_steps("model.compute_dtype=bfloat16", "mesh.data=1", steps=STEPS)
     f8, _ = losses_and_params_after_steps("model.compute_dtype=bfloat16", "model.fp8=current", "mesh.data=1",
                                           steps=STEPS)
