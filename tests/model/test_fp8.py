@@ -1,5 +1,7 @@
 """fp8 matmuls with current scaling (`jaxsys.model.fp8`) against float64 numpy references."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -7,7 +9,9 @@ import numpy as np
 import pytest
 
 from jaxsys.model import fp8
-from tests.helpers import losses_and_params_after_steps
+from jaxsys.model.loss import loss
+from jaxsys.model.transformer import Transformer, abstract_params
+from tests.helpers import losses_and_params_after_steps, tiny_cfg
 
 # (jax dtype, ml_dtypes dtype, largest finite value, mantissa bits, smallest normal exponent)
 FORMATS = {"e4m3": (fp8.E4M3, ml_dtypes.float8_e4m3fn, 448.0, 3, -6),
@@ -104,9 +108,35 @@ def test_fp8_matmul_and_gradients_match_a_reference_that_quantizes_the_same_way(
                                   einsum("btd,df->btf", x_BTD, w_DF))
 
 
+def _f8_converts(*overrides: str) -> dict[str, list[str]]:
+    """The shapes of every conversion *to* an fp8 type in the lowered loss-and-gradients of the
+    tiny model (StableHLO, no XLA compile), by fp8 type."""
+    cfg = tiny_cfg("mesh.data=1", *overrides)
+    model = Transformer(cfg.model)
+    shapes, _ = abstract_params(cfg.model)
+    tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    text = jax.jit(jax.value_and_grad(lambda p, b: loss(model, p, b, None))).lower(
+        shapes, {"inputs": tokens, "targets": tokens}).as_text()
+    return {dt: re.findall(r"stablehlo\.convert .*-> tensor<([0-9x]+)x" + dt + ">", text)
+            for dt in ("f8E4M3FN", "f8E5M2")}
+
+
+def test_fp8_reaches_exactly_the_dense_matmuls():
+    """model.fp8=current quantizes both operands of the four dense matmuls of a layer (e4m3) and
+    their output gradients (e5m2), the layer body appearing once under scan_layers; the
+    embedding [256, 32] and the tied head are not among them. The plain model has none."""
+    assert _f8_converts() == {"f8E4M3FN": [], "f8E5M2": []}
+    got = _f8_converts("model.fp8=current")
+    # x and w of: fused QKV (D, K, J=G+2, E), attention output (H, E, D), MLP in (D, F), MLP out (F, D)
+    assert sorted(got["f8E4M3FN"]) == sorted(["2x16x32", "32x4x3x8", "2x16x4x8", "4x8x32",
+                                              "2x16x32", "32x128", "2x16x128", "128x32"])
+    assert sorted(got["f8E5M2"]) == sorted(["2x16x4x3x8", "2x16x32", "2x16x128", "2x16x32"])
+
+
 STEPS = 20
 
 
+@pytest.mark.slow  # 98-224 s on the loaded 2-core machine (2026-12-01): two train-step compiles
 def test_tiny_training_in_fp8_tracks_bf16():
     """20 steps of the tiny preset (lr 1e-2, loss 5.53 -> 3.30): fp8 on bf16 compute against plain
     bf16, from the same initialisation and batches. Tolerance 0.05 nats at every step, under 1.5%
