@@ -11,7 +11,7 @@ from tests.equivalence.test_data_parallel import explicit_loss_and_grads
 from tests.helpers import layout, max_abs_diff, one_device_reference, tiny_cfg
 
 
-@pytest.mark.slow  # 71 s on the loaded 2-core machine (2026-12-01): two more compiles of the model's gradients
+@pytest.mark.slow  # 51-71 s on the loaded 2-core machine (2026-12-01): two more compiles of the model's gradients
 def test_fp8_data_parallel_equals_one_device():
     # (params, batch, loss, grads) at seed 0 on one device; the plain one is shared with
     # tests/equivalence/test_parallel.py (cached per worker).
