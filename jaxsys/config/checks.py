@@ -84,6 +84,7 @@ def validate(cfg: Config) -> None:
     if m.family == "llama" and m.head_dim % 2:
         raise ConfigError(f"RoPE needs an even head size, got {m.head_dim}; change model.head_dim.")
     _validate_variants(m)
+    _validate_fp8(m)
     _validate_mla(cfg)
     _validate_moe(cfg)
     t = cfg.train
@@ -154,6 +155,20 @@ def _validate_variants(m) -> None:
     if not m.rope_high_freq_factor > m.rope_low_freq_factor:
         raise ConfigError(f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be > model.rope_low_freq_"
                           f"factor={m.rope_low_freq_factor} (llama3 blends between the two wavelengths).")
+
+
+def _validate_fp8(m) -> None:
+    """`model.fp8` (`jaxsys.model.fp8`): a known mode, on a model whose matmuls it covers."""
+    if m.fp8 not in ("none", "current"):
+        raise ConfigError(f"model.fp8={m.fp8!r} is not one of ['none', 'current'].")
+    if m.fp8 == "none":
+        return
+    if m.attention_kind != "mha":
+        raise ConfigError("model.fp8=current covers the multi-head attention projections, not multi-head latent "
+                          "attention's; set model.fp8=none or model.attention_kind=mha.")
+    if m.moe.num_experts:
+        raise ConfigError("model.fp8=current covers dense MLPs, not routed experts; set model.fp8=none or "
+                          "model.moe.num_experts=0.")
 
 
 _MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_dim", "qk_rope_dim", "v_head_dim")

@@ -102,6 +102,12 @@ class ModelConfig:
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # fp8 matmuls for the dense layers (jaxsys.model.fp8): "none", or "current" — the QKV,
+    # attention-output and MLP matmuls take float8_e4m3fn operands and float8_e5m2 gradients,
+    # each tensor scaled by its own amax / fp8 max computed on the fly (no state). Embedding,
+    # head, attention scores and norms stay in compute_dtype. XLA on Hopper-class GPUs runs them
+    # as fp8 gemms; elsewhere it is the fp8 numerics at float speed. Dense MHA models only.
+    fp8: Literal["none", "current"] = "none"
     moe: MoEConfig = field(default_factory=MoEConfig)  # model.moe.*: dense unless num_experts > 0
 
     @property

@@ -4,6 +4,7 @@
 - `hooks`: the points where parallel strategies plug in (plain versions here);
 - `attention`: the attention implementations (xla, cudnn, pallas), unsharded;
 - `layers`: norm, RoPE, attention, MLP, block;
+- `fp8`: fp8 matmuls with current scaling (`model.fp8=current`) for the dense layers;
 - `transformer`: the `Transformer` (embed -> blocks -> head), `block_fn`, `moe_block_fn`, `abstract_params`;
 - `loss`: the mean next-token cross-entropy; `flops`, `params`: counting.
 

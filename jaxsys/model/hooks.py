@@ -13,6 +13,7 @@ installs parallel versions from outside, for the duration of a trace:
     attention(q, k, v, ...)       softmax attention               parallel.install (the Pallas kernel under shard_map)
     cross_entropy(logits, tgts)   per-token nats                  parallel.tensor (vocabulary-parallel loss)
     experts(x, expert, slot, ...) an MoE layer's routed experts   parallel.expert (all-to-all over `expert`)
+    amax(x)                       max |x|: an fp8 scale's input   parallel.zero (a max over the batch axes too)
 
 `installed(hooks)` swaps the set in a `with` block (a `ContextVar`, so nested and thread-safe);
 `current()` returns the set in force. The plain versions are also the references the parallel
@@ -78,6 +79,7 @@ class Hooks:
     attention: Callable[..., jax.Array] = _attention_reference
     cross_entropy: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy_reference
     experts: Callable[..., jax.Array] = experts_lib.experts_reference
+    amax: Callable[[jax.Array], jax.Array] = lambda x: jnp.max(jnp.abs(x))
 
 
 _CURRENT: contextvars.ContextVar[Hooks] = contextvars.ContextVar("jaxsys_model_hooks", default=Hooks())
@@ -161,3 +163,9 @@ def experts(x_BTD: jax.Array, expert_BTI: jax.Array, slot_BTI: jax.Array, weight
     `dispatch` "capacity" | "dropless" (`jaxsys.model.experts`)."""
     return current().experts(x_BTD, expert_BTI, slot_BTI, weight_BTI, w, act=act, capacity=capacity,
                              dispatch=dispatch)
+
+
+def amax(x: jax.Array) -> jax.Array:
+    """max |x| over the whole (global) array, a scalar in x's dtype: what an fp8 scale is
+    computed from (`jaxsys.model.fp8`). Plain: `jnp.max(jnp.abs(x))`."""
+    return current().amax(x)

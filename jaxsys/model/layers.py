@@ -11,7 +11,9 @@ G = H / K, E head size, F MLP hidden.
 
 Every parameter is created with logical axis names (`nn.with_logical_partitioning`) and reaches
 compute through the `use_weight` hook; activations pass through `constrain`, matmuls that
-tensor parallelism splits through `column_matmul` / `row_matmul` (`jaxsys.model.hooks`).
+tensor parallelism splits through `column_matmul` / `row_matmul` (`jaxsys.model.hooks`), and
+those through `fp8.matmul`, which rounds their operands and gradients through fp8 with
+`model.fp8=current` (`jaxsys.model.fp8`).
 Nothing here names a mesh axis or a parallel strategy. Parameters are stored in
 `param_dtype`; matmuls run in `compute_dtype`; norms, softmax and the logits are float32.
 Each module expects a `resolved()` config (the `Transformer` passes one).
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 
 from jaxsys.config import ModelConfig
 from jaxsys.model import attention as attention_lib
-from jaxsys.model import hooks, kv_cache
+from jaxsys.model import fp8, hooks, kv_cache
 from jaxsys.model.axes import ACT_BTD, H_BTF, KV_BTKE, Q_BTHE
 
 def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
@@ -113,8 +115,8 @@ class Attention(nn.Module):
         # one dx, where three separate matmuls would all-reduce three. G query heads per KV head.
         B, T, G = x_BTD.shape[0], x_BTD.shape[1], H // K
         w_DKJE = jnp.concatenate([wq_DHE.reshape(D, K, G, E), wk_DKE[:, :, None], wv_DKE[:, :, None]], 2)
-        qkv_BTKJE = hooks.column_matmul("btd,dkje->btkje", x_BTD, w_DKJE.astype(cdt),  # SP: all-gather T
-                                    ("embed", "kv_heads", None, "head_dim"),
+        qkv_BTKJE = fp8.matmul(cfg.fp8, hooks.column_matmul, "btd,dkje->btkje", x_BTD,  # SP: all-gather T
+                               w_DKJE.astype(cdt), ("embed", "kv_heads", None, "head_dim"),
                                     ("batch", "seq", "kv_heads", None, "head_dim"))
         q_BTHE = qkv_BTKJE[:, :, :, :G].reshape(B, T, H, E)
         k_BTKE, v_BTKE = qkv_BTKJE[:, :, :, G], qkv_BTKJE[:, :, :, G + 1]
@@ -138,8 +140,8 @@ class Attention(nn.Module):
             o_BTHE = attention_lib.cached_attention(q_BTHE, k_BKSE, v_BKSE, positions_BT)
         o_BTHE = hooks.constrain(o_BTHE, Q_BTHE)
         # Row-parallel: all-reduce of the partial sums into the residual (SP: reduce-scatter).
-        y_BTD = hooks.row_matmul("bthe,hed->btd", o_BTHE, wo_HED.astype(cdt),
-                             Q_BTHE, ("heads", "head_dim", "embed"), ACT_BTD)
+        y_BTD = fp8.matmul(cfg.fp8, hooks.row_matmul, "bthe,hed->btd", o_BTHE, wo_HED.astype(cdt),
+                           Q_BTHE, ("heads", "head_dim", "embed"), ACT_BTD)
         if cfg.family == "gpt2":
             y_BTD += param(self, "bo", (D,), ("embed",), 0.0, pdt).astype(cdt)
         return y_BTD, cache
@@ -157,21 +159,22 @@ class Mlp(nn.Module):
         if cfg.family == "gpt2":
             wi_DF = param(self, "wi", (D, F), ("embed", "mlp"), 0.02, pdt)
             bi_F = param(self, "bi", (F,), ("mlp",), 0.0, pdt)
-            h_BTF = hooks.column_matmul("btd,df->btf", x_BTD, wi_DF.astype(cdt), ("embed", "mlp"),
-                                    ("batch", "seq", "mlp")) + bi_F.astype(cdt)
+            h_BTF = fp8.matmul(cfg.fp8, hooks.column_matmul, "btd,df->btf", x_BTD, wi_DF.astype(cdt),
+                               ("embed", "mlp"), ("batch", "seq", "mlp")) + bi_F.astype(cdt)
             h_BTF = jax.nn.gelu(h_BTF, approximate=cfg.gelu == "tanh")
         else:
             wg_DF = param(self, "wi_gate", (D, F), ("embed", "mlp"), 0.02, pdt)
             wu_DF = param(self, "wi_up", (D, F), ("embed", "mlp"), 0.02, pdt)
             # Fused gate/up matmul: one all-reduce of dx in the backward under TP, not two.
-            gu_BTJF = hooks.column_matmul("btd,djf->btjf", x_BTD, jnp.stack([wg_DF, wu_DF], 1).astype(cdt),
-                                      ("embed", None, "mlp"), ("batch", "seq", None, "mlp"))
+            gu_BTJF = fp8.matmul(cfg.fp8, hooks.column_matmul, "btd,djf->btjf", x_BTD,
+                                 jnp.stack([wg_DF, wu_DF], 1).astype(cdt), ("embed", None, "mlp"),
+                                 ("batch", "seq", None, "mlp"))
             gate_BTF, up_BTF = gu_BTJF[:, :, 0], gu_BTJF[:, :, 1]
             h_BTF = jax.nn.silu(gate_BTF) * up_BTF
         h_BTF = hooks.constrain(h_BTF, H_BTF)
         wo_FD = param(self, "wo", (F, D), ("mlp", "embed"), out_std, pdt)
-        y_BTD = hooks.row_matmul("btf,fd->btd", h_BTF, wo_FD.astype(cdt), ("batch", "seq", "mlp"),
-                             ("mlp", "embed"), ACT_BTD)  # all-reduce (SP: reduce-scatter)
+        y_BTD = fp8.matmul(cfg.fp8, hooks.row_matmul, "btf,fd->btd", h_BTF, wo_FD.astype(cdt),
+                           ("batch", "seq", "mlp"), ("mlp", "embed"), ACT_BTD)  # all-reduce (SP: reduce-scatter)
         if cfg.family == "gpt2":
             y_BTD += param(self, "bo", (D,), ("embed",), 0.0, pdt).astype(cdt)
         return y_BTD

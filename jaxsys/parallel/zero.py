@@ -111,6 +111,13 @@ def gathering_weights(outer: hooks.Hooks, stored_rules: Rules) -> hooks.Hooks:
     return dataclasses.replace(outer, stored_shape=stored_shape, use_weight=use_weight)
 
 
+def _global_amax(local: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+    """The `amax` hook inside the region: each device's amax, maxed over the batch axes and
+    context, so an fp8 scale (`jaxsys.model.fp8`) is the one a single device would compute for
+    the whole batch (and equal on every device). One scalar all-reduce per scaled tensor."""
+    return lambda x: jax.lax.pmax(local(x), SYNC_AXES)
+
+
 def _spec(ndim: int, dim: int | None, expert_dim: int | None = None) -> P:
     return P(*[("fsdp" if d == dim else "expert" if d == expert_dim else None) for d in range(ndim)])
 
@@ -192,7 +199,9 @@ def make_synced_grads(cfg: Config, mesh: Mesh, logical_specs: Any,
     def local(params: Any, batch: Batch, key: Any) -> tuple[jax.Array, Any]:
         if key is not None:  # different dropout masks per device
             key = jax.random.fold_in(key, jax.lax.axis_index(SYNC_AXES))
-        with hooks.installed(gathering_weights(hooks.current(), param_rules(cfg.mesh))):
+        inner = dataclasses.replace(gathering_weights(hooks.current(), param_rules(cfg.mesh)),
+                                    amax=_global_amax(hooks.current().amax))
+        with hooks.installed(inner):
             loss, grads = accumulate(grad_fn, params, batch, key, plan.scatter_early)
         # The loss (or (loss, MoE stats), a tree of per-device means) averaged over the devices.
         mean = lambda v: psum_live(v, SYNC_AXES, plan.sizes) / ways  # noqa: E731

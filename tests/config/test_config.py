@@ -70,6 +70,9 @@ def test_unknown_preset():
     (["train.log_every=0"], "train.log_every must be ≥ 1, got 0"),
     (["train.eval_batches=0"], "train.eval_batches must be ≥ 1, got 0"),
     (["model.dropout=1.0"], "model.dropout must be in [0, 1)"),
+    (["model.fp8=current", "model.family=llama", "model.attention_kind=mla", "model.kv_lora_rank=8"],
+     "model.fp8=current covers the multi-head attention projections"),
+    (["model.fp8=current", "model.moe.num_experts=4"], "model.fp8=current covers dense MLPs, not routed experts"),
 ])
 def test_validation_errors(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
