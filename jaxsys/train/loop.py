@@ -435,8 +435,9 @@ def train(cfg: Config, devices: list | None = None) -> TrainResult:
     timings = Timings()
     t_setup = time.perf_counter()
     run = _prepare(cfg, devices, timings)
-    manager, start_step, state = _restore_or_init(run)
     timings.add("setup", time.perf_counter() - t_setup - timings.seconds["data"])
+    with timings.phase("init"):  # a checkpoint restored, or the parameters initialised (one compile)
+        manager, start_step, state = _restore_or_init(run)
     if start_step >= cfg.train.steps:
         return _nothing_to_train(run, manager, start_step, state)
     _accept(run, start_step)

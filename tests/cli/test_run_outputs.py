@@ -42,7 +42,7 @@ def test_json_log_format_prints_one_event_object_per_line(json_run):
     assert events[0]["run_dir"] == str(run_dir) and events[0]["devices"] == 8
     assert events[-2]["message"].startswith("ROMEO:")
     timings = events[-1]  # the breakdown: every phase measured, adding up to the total printed
-    phases = ("imports", "data", "setup", "compile", "training", "eval", "checkpoints", "sample")
+    phases = ("imports", "data", "setup", "init", "compile", "training", "eval", "checkpoints", "sample")
     assert all(timings[f"{p}_seconds"] > 0 for p in phases)
     total = float(timings["message"].rsplit("total ", 1)[1].rstrip("s"))
     assert total == pytest.approx(sum(v for k, v in timings.items() if k.endswith("_seconds")), abs=0.06)
