@@ -301,7 +301,7 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
               "context_kind": cfg.context_parallel.kind if sizes["context"] > 1 else None,
               "tensor": sizes["tensor"], "zero_stage": m.zero_stage,
               "sequence_parallel": m.sequence_parallel, "grad_sync": m.grad_sync,
-              "grad_comm_dtype": m.grad_comm_dtype,
+              "grad_comm_dtype": m.grad_comm_dtype, "platform": devices[0].platform,
               "accelerator": acc.name, "params": n_params,
               "active_params": n_active}
     formula_mem = closed_form_state(cfg, sizes, n_params, n_expert)
@@ -420,6 +420,9 @@ def format_plan(p: Plan) -> str:
             lines.append(f"  {k:<26} {_mib(p.comm_bytes[k]):>9}  {_mib(p.comm_formula[k]):>9}")
     lines.append(f"  {'total':<26} {_mib(sum(p.comm_bytes.values())):>9}  "
                  f"{_mib(sum(p.comm_formula.values())):>9}")
+    if wire in ("bfloat16", "float16") and p.layout.get("platform") == "cpu":
+        lines.append(f"  (XLA:CPU runs {wire} reductions in float32: the compiled bytes are float32's;"
+                     " the formula is what a GPU/TPU sends)")
     r = p.roofline
     lines += ["", f"FLOPs per device per step: {p.flops:.4g} (cost analysis), "
                   f"{p.flops_formula:.4g} (6N + attention)",
