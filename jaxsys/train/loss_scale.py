@@ -14,8 +14,11 @@ sync, and S adapts:
   `train.max_consecutive_skips`; an overflow does not). At S = `MIN_SCALE` non-finite gradients
   are not the scale's fault either: they count as an ordinary skip.
 
-The state is a dict `{"scale": float32 [], "good_steps": int32 []}` in `TrainState.loss_scale`
-(checkpointed with it; `{}` when loss scaling is off), updated inside the jitted step.
+The state is a `LossScaleState` (scale float32 [], good_steps int32 []) wrapped around the
+optimizer's state (`wrap`), so it is checkpointed with the `TrainState`, and runs without loss
+scaling keep the checkpoint layout they had before it existed (a new `TrainState` field would
+make every older checkpoint unrestorable: Orbax refuses a target with a key the disk lacks).
+The step reads the scale before the backward pass and writes the adjusted one after the update.
 
 Why not a library: `flax.training.dynamic_scale.DynamicScale` owns the `value_and_grad` call,
 so its scale would be adjusted per microbatch and per device inside `accumulate` and the
@@ -27,16 +30,24 @@ Optax has no loss scaling.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jaxsys.config import Config
 
 MIN_SCALE = 1.0
 MAX_SCALE = 2.0**64  # growth stops here (float32 would reach inf at 2**128)
-LossScale = dict[str, jax.Array]  # {"scale": float32 [], "good_steps": int32 []}, or {} when off
+
+
+class LossScaleState(NamedTuple):
+    """The optimizer state with the loss scale beside it (`wrap`)."""
+
+    scale: jax.Array  # float32 []: the factor of the next step's loss
+    good_steps: jax.Array  # int32 []: finite steps in a row since the scale last changed
+    inner: Any  # the wrapped optimizer's state
 
 
 def enabled(cfg: Config) -> bool:
@@ -45,16 +56,22 @@ def enabled(cfg: Config) -> bool:
     return t.loss_scale == "dynamic" or (t.loss_scale == "auto" and cfg.model.compute_dtype == "float16")
 
 
-def init(cfg: Config) -> LossScale:
-    """The state at step 0: `train.loss_scale_init`, no good steps yet ({} when off)."""
-    if not enabled(cfg):
-        return {}
-    return {"scale": jnp.asarray(cfg.train.loss_scale_init, jnp.float32), "good_steps": jnp.zeros((), jnp.int32)}
+def wrap(tx: optax.GradientTransformation, init_scale: float) -> optax.GradientTransformation:
+    """`tx` whose state carries the loss scale (`LossScaleState`, starting at `init_scale`);
+    its update is `tx`'s (the step unscales the gradients before, and `adjust`s after)."""
+    def init(params: Any) -> LossScaleState:
+        return LossScaleState(jnp.asarray(init_scale, jnp.float32), jnp.zeros((), jnp.int32), tx.init(params))
+
+    def update(updates: Any, state: LossScaleState, params: Any = None) -> tuple[Any, LossScaleState]:
+        updates, inner = tx.update(updates, state.inner, params)
+        return updates, state._replace(inner=inner)
+
+    return optax.GradientTransformation(init, update)
 
 
-def abstract(cfg: Config) -> Any:
-    """`init(cfg)` as ShapeDtypeStructs."""
-    return jax.eval_shape(lambda: init(cfg))
+def unwrap(opt_state: Any) -> Any:
+    """The wrapped optimizer's state (`opt_state` itself without loss scaling)."""
+    return opt_state.inner if isinstance(opt_state, LossScaleState) else opt_state
 
 
 def value_and_scaled_grad(fn: Callable[..., Any], scale: jax.Array | None,
@@ -82,18 +99,18 @@ def unscale(grads: Any, scale: jax.Array) -> Any:
     return jax.tree_util.tree_map(lambda g: (g * inv.astype(g.dtype)).astype(g.dtype), grads)
 
 
-def overflowed(state: LossScale, loss: jax.Array, grads_finite: jax.Array) -> jax.Array:
+def overflowed(state: LossScaleState, loss: jax.Array, grads_finite: jax.Array) -> jax.Array:
     """bool []: was this step's skip the loss scale's doing (finite loss, non-finite gradients,
     scale above `MIN_SCALE`)?"""
-    return jnp.isfinite(loss) & ~grads_finite & (state["scale"] > MIN_SCALE)
+    return jnp.isfinite(loss) & ~grads_finite & (state.scale > MIN_SCALE)
 
 
-def adjust(state: LossScale, loss: jax.Array, grads_finite: jax.Array, period: int) -> LossScale:
+def adjust(state: LossScaleState, loss: jax.Array, grads_finite: jax.Array, period: int) -> LossScaleState:
     """The state after a step: halved on an overflow, doubled after `period` finite steps in a
     row, unchanged after a step whose loss was not finite."""
-    scale, good = state["scale"], state["good_steps"]
+    scale, good = state.scale, state.good_steps
     over = overflowed(state, loss, grads_finite)
     grow = grads_finite & (good + 1 >= period)
     new_scale = jnp.where(over, jnp.maximum(scale / 2, MIN_SCALE), jnp.where(grow, jnp.minimum(scale * 2, MAX_SCALE), scale))
     new_good = jnp.where(grads_finite, jnp.where(grow, 0, good + 1), jnp.where(over, 0, good))
-    return {"scale": new_scale.astype(jnp.float32), "good_steps": new_good.astype(jnp.int32)}
+    return state._replace(scale=new_scale.astype(jnp.float32), good_steps=new_good.astype(jnp.int32))

@@ -110,9 +110,10 @@ def master_weights(inner: optax.GradientTransformation, dtype: Any = jnp.float32
 
 
 def apply_updates(params: Any, updates: Any, opt_state: Any) -> Any:
-    """The parameters after `make_optimizer`'s update: `optax.apply_updates`, or with master
-    weights the master copies rounded to the parameters' dtype (also after a skipped step, when
-    the copies did not move: the parameters are their rounding already)."""
+    """The parameters after `make_optimizer`'s update (`opt_state`: its state, the
+    `optax.apply_if_finite` one): `optax.apply_updates`, or with master weights the master
+    copies rounded to the parameters' dtype (also after a skipped step, when the copies did not
+    move: the parameters are their rounding already)."""
     inner = getattr(opt_state, "inner_state", None)
     if isinstance(inner, MasterState):
         return jax.tree_util.tree_map(lambda m, p: m.astype(p.dtype), inner.master, params)

@@ -37,8 +37,6 @@ class TrainState:
     # The model's variables that are not parameters, updated by the step outside the optimizer:
     # {"moe_bias": tree} (the MoE loss-free balancing bias, jaxsys.model.moe), else {}.
     model_state: Any = flax.struct.field(default_factory=dict)
-    # Dynamic loss scaling (jaxsys.train.loss_scale): {"scale", "good_steps"} scalars, else {}.
-    loss_scale: Any = flax.struct.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -67,6 +65,8 @@ def setup(cfg: Config, mesh: Mesh) -> Setup:
     model = Transformer(cfg.model)
     lr_schedule = make_lr_schedule(cfg.lr_schedule, cfg.optimizer.lr, cfg.train.steps)
     tx = make_optimizer(cfg.optimizer, lr_schedule)
+    if loss_scale.enabled(cfg):  # the scale rides in the optimizer state (loss_scale.LossScaleState)
+        tx = loss_scale.wrap(tx, cfg.train.loss_scale_init)
     params, logical_specs = abstract_params(cfg.model)
     check_layout(cfg, mesh, params, logical_specs)
 
@@ -78,8 +78,7 @@ def setup(cfg: Config, mesh: Mesh) -> Setup:
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, moment_sh,
                                    transform_non_params=lambda _: replicated(mesh))
     model_state_sh = jax.tree_util.tree_map(lambda _: replicated(mesh), abstract_model_state(cfg.model))
-    state_sh = TrainState(step=replicated(mesh), params=param_sh, opt_state=opt_sh, model_state=model_state_sh,
-                          loss_scale=jax.tree_util.tree_map(lambda _: replicated(mesh), loss_scale.abstract(cfg)))
+    state_sh = TrainState(step=replicated(mesh), params=param_sh, opt_state=opt_sh, model_state=model_state_sh)
     return Setup(cfg, mesh, model, tx, lr_schedule, params, logical_specs, state_sh,
                  rules.batch_sharding(mesh),
                  grad_sharding=rules.param_shardings(logical_specs, mesh, rules.grad_rules(cfg.mesh)),
@@ -91,7 +90,7 @@ def init_state(s: Setup, seed: int) -> TrainState:
     def init(key: jax.Array) -> TrainState:
         params, model_state = init_variables(s.cfg.model, key)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=s.tx.init(params),
-                          model_state=model_state, loss_scale=loss_scale.init(s.cfg))
+                          model_state=model_state)
     with parallelize(s.mesh, s.activation_rules, s.cfg.context_parallel):
         return jax.jit(init, out_shardings=s.state_sharding)(jax.random.key(seed))
 
@@ -103,7 +102,7 @@ def state_from_params(s: Setup, params: Any) -> TrainState:
         model_state = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
                                              abstract_model_state(s.cfg.model))  # a fresh bias
         return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=s.tx.init(p),
-                          model_state=model_state, loss_scale=loss_scale.init(s.cfg))
+                          model_state=model_state)
     with parallelize(s.mesh, s.activation_rules, s.cfg.context_parallel):
         return jax.jit(init, out_shardings=s.state_sharding, donate_argnums=0)(params)
 
@@ -112,4 +111,4 @@ def abstract_state(s: Setup) -> TrainState:
     """The `TrainState` as a tree of `jax.ShapeDtypeStruct` (no shardings)."""
     return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=s.abstract_params,
                       opt_state=jax.eval_shape(s.tx.init, s.abstract_params),
-                      model_state=abstract_model_state(s.cfg.model), loss_scale=loss_scale.abstract(s.cfg))
+                      model_state=abstract_model_state(s.cfg.model))

@@ -127,7 +127,8 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
         key = jax.random.fold_in(base_key, state.step) if use_dropout else None
         batch = normalize_loss_mask(batch)  # packed documents: weights over the whole batch
         batch = context.reorder_batch(cfg, s.mesh.shape["context"], batch)  # zigzag, if on
-        scale = state.loss_scale["scale"] if scaled else None
+        scaling = state.opt_state if scaled else None  # loss_scale.LossScaleState
+        scale = scaling.scale if scaled else None
         loss_, grads = _loss_and_grads(s, state.model_state, scale)(state.params, batch, key)
         if scaled:  # after the sync: every device divides the same summed gradients
             grads = loss_scale.unscale(grads, scale)
@@ -135,26 +136,24 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
         if cfg.faults.nan_steps:
             loss_, grads = _poison(cfg, state.step, loss_, grads)
         updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
-        params = optimizer.apply_updates(state.params, updates, opt_state)  # unchanged when skipped
+        finite = loss_scale.unwrap(opt_state)  # optax.apply_if_finite's state
+        params = optimizer.apply_updates(state.params, updates, finite)  # unchanged when skipped
         metrics = {"loss": loss_, "grad_norm": optax.global_norm(grads), "lr": s.lr_schedule(state.step),
-                   "skipped": 1.0 - opt_state.last_finite.astype(jnp.float32),
-                   "skipped_total": opt_state.total_notfinite.astype(jnp.float32)}
-        new_scale = state.loss_scale
+                   "skipped": 1.0 - finite.last_finite.astype(jnp.float32),
+                   "skipped_total": finite.total_notfinite.astype(jnp.float32)}
         if scaled:
             metrics["loss_scale"] = scale
-            metrics["overflow"] = loss_scale.overflowed(state.loss_scale, loss_, opt_state.last_finite
-                                                        ).astype(jnp.float32)
-            new_scale = loss_scale.adjust(state.loss_scale, loss_, opt_state.last_finite,
-                                          cfg.train.loss_scale_period)
+            metrics["overflow"] = loss_scale.overflowed(scaling, loss_, finite.last_finite).astype(jnp.float32)
+            opt_state = loss_scale.adjust(opt_state, loss_, finite.last_finite, cfg.train.loss_scale_period)
         model_state = state.model_state
         if moe_on:
             metrics.update(moe.step_metrics(stats))
             # The loss-free bias moves after the update, from the whole step's load; not on a skipped step.
             moved = moe.update_bias(model_state, stats, cfg.model.moe.bias_update_rate)
-            model_state = jax.tree_util.tree_map(lambda new, old: jnp.where(opt_state.last_finite, new, old),
+            model_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite.last_finite, new, old),
                                                  moved, model_state)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                          model_state=model_state, loss_scale=new_scale), metrics
+                          model_state=model_state), metrics
 
     return train_step
 

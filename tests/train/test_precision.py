@@ -88,12 +88,12 @@ def test_loss_scale_halves_on_overflow_grows_after_good_steps_and_resumes_bitwis
     manager = ckpt.make_manager(tmp_path, s.cfg.checkpoint, read_only=True)
     _, restored = ckpt.restore(manager, with_shardings(abstract_state(s), s.state_sharding), step=12)
     manager.close()
-    final = jax.device_get(first.state.loss_scale)
+    final = jax.device_get(first.state.opt_state)  # loss_scale.LossScaleState
     for key in ("scale", "good_steps"):
-        got = np.asarray(restored.loss_scale[key])
-        assert got.dtype == final[key].dtype and got.tobytes() == final[key].tobytes()
+        got, want = np.asarray(getattr(restored.opt_state, key)), np.asarray(getattr(final, key))
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
     assert train(cfg(13), jax.devices()[:1]).start_step == 12
-    assert _rows(tmp_path)[-1]["step"] == 13 and _rows(tmp_path)[-1]["loss_scale"] == float(final["scale"])
+    assert _rows(tmp_path)[-1]["step"] == 13 and _rows(tmp_path)[-1]["loss_scale"] == float(final.scale)
 
 
 @pytest.mark.slow  # two compiles (~29 s CPU alone; the float32 one is test_zero's in a full run)
