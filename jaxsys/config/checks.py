@@ -116,10 +116,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}.")
     _validate_pipeline(cfg)
     _validate_expert_parallel(cfg)
+    _validate_precision(cfg)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}.")
     _validate_data(cfg)
     _validate_logging(cfg)
+
+
+def _validate_precision(cfg: Config) -> None:
+    """Loss scaling, master weights and the gradient-communication dtype (docs: README, Mixed precision)."""
+    t, m = cfg.train, cfg.mesh
+    scaled = t.loss_scale == "dynamic" or (t.loss_scale == "auto" and cfg.model.compute_dtype == "float16")
+    if scaled and m.pipe > 1:
+        raise ConfigError("dynamic loss scaling (model.compute_dtype=float16 or train.loss_scale=dynamic) is not "
+                          "supported with mesh.pipe > 1; use model.compute_dtype=bfloat16 or mesh.pipe=1.")
+    if not (math.isfinite(t.loss_scale_init) and t.loss_scale_init >= 1.0):
+        raise ConfigError(f"train.loss_scale_init must be a finite number ≥ 1, got {t.loss_scale_init} "
+                          "(the default 32768 = 2**15 suits most models).")
+    if t.loss_scale_period < 1:
+        raise ConfigError(f"train.loss_scale_period must be ≥ 1, got {t.loss_scale_period}.")
+    if cfg.optimizer.master_dtype != "none" and cfg.model.param_dtype == "float32":
+        raise ConfigError("optimizer.master_dtype=float32 keeps float32 copies of bfloat16 parameters; with "
+                          "model.param_dtype=float32 it would only duplicate them. Set model.param_dtype=bfloat16 "
+                          "or optimizer.master_dtype=none.")
+    if m.grad_comm_dtype != "auto" and (m.grad_sync != "explicit" or m.pipe > 1):
+        raise ConfigError(f"mesh.grad_comm_dtype={m.grad_comm_dtype} applies to the explicit data-parallel sync "
+                          "only; set mesh.grad_sync=explicit and mesh.pipe=1, or mesh.grad_comm_dtype=auto.")
 
 
 def _validate_data(cfg: Config) -> None:

@@ -159,6 +159,11 @@ class MeshConfig:
     # shard_map over the batch axes with the ZeRO stage's reduce-scatter / all-reduce) or "xla"
     # (sharding constraints only; the partitioner and the backend's passes decide).
     grad_sync: Literal["explicit", "xla"] = "explicit"
+    # The dtype the explicit sync's gradient reductions (psum / reduce-scatter over the batch
+    # axes) send on the wire: "auto" = the gradients' own (the parameter dtype), or "float32" /
+    # "bfloat16" (half the bytes of float32; cast before each collective, back after). Explicit
+    # sync only (mesh.grad_sync=explicit, mesh.pipe=1).
+    grad_comm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,11 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     decay_embeddings: bool = False  # norms and biases are never decayed
     grad_clip: float = 1.0  # global-norm clipping threshold; 0 disables
+    # "float32": with model.param_dtype=bfloat16, AdamW updates float32 master copies of the
+    # parameters (kept in the optimizer state, laid out like the moments) and the model's
+    # bfloat16 parameters are those copies rounded after every step. "none": the update is
+    # applied to the parameters in their own dtype.
+    master_dtype: Literal["none", "float32"] = "none"
 
 
 @dataclass(frozen=True)
@@ -234,6 +244,15 @@ class TrainConfig:
     # times per run_dir, logged in <run_dir>/rollbacks.json).
     on_nan: Literal["stop", "rollback"] = "stop"
     max_rollbacks: int = 3
+    # Dynamic loss scaling (jaxsys.train.loss_scale): the loss is multiplied by a scale before
+    # the backward pass and the gradients divided by it after the sync; a step whose loss is
+    # finite but whose gradients are not (an overflow) is skipped and halves the scale, every
+    # `loss_scale_period` finite steps in a row double it. "auto" = "dynamic" when
+    # model.compute_dtype=float16, "none" otherwise. Overflow skips do not count toward
+    # max_consecutive_skips (a NaN loss does).
+    loss_scale: Literal["auto", "dynamic", "none"] = "auto"
+    loss_scale_init: float = 2.0**15  # the first step's scale (a power of two)
+    loss_scale_period: int = 2000  # finite steps in a row before the scale doubles
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,13 @@ so the tied embedding is synced once. Each device's loss is the mean over its ow
 global loss and gradients are the sums over the batch axes divided by data × fsdp × expert
 (× context).
 
+`mesh.grad_comm_dtype` (float32 / bfloat16) is the dtype on the wire of every gradient
+reduction here: each gradient is cast to it before its psum or reduce-scatter and back after
+(ZeRO-3: the backward of the weight all-gather, `_gather`, reduce-scatters in it; the forward
+all-gather stays in the parameter dtype). The sums over devices are then rounded to that dtype
+once per collective (XLA:CPU's ring adds in the wire dtype): bfloat16 halves the bytes of
+float32 for ~3 significant digits of the summed gradient.
+
 With dropout, each device folds its index over the batch axes into the step's key: the masks
 differ from a one-device run's (as they would on any other number of devices).
 """
@@ -51,6 +58,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxsys.config import Config
@@ -88,7 +96,53 @@ def _manual_dims(axes: Any, rules: Rules, mesh_axis: str) -> list[int]:
     return dims_over(axes, rules, mesh_axis)
 
 
-def gathering_weights(outer: hooks.Hooks, stored_rules: Rules) -> hooks.Hooks:
+def comm_dtype(cfg: Config) -> Any:
+    """`mesh.grad_comm_dtype` as a dtype, or None ("auto": the gradients' own)."""
+    return None if cfg.mesh.grad_comm_dtype == "auto" else jnp.dtype(cfg.mesh.grad_comm_dtype)
+
+
+def _fully_manual(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """`fn(x)` in a region manual over every mesh axis. The axes still automatic here (tensor
+    when `tensor_local` did not split, pipe) are of size 1, so nothing moves."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rest = set(mesh.axis_names) - set(mesh.manual_axes)
+    if not rest:
+        return fn(x)
+    assert all(mesh.shape[a] == 1 for a in rest), rest
+    return jax.shard_map(fn, mesh=mesh, axis_names=rest, in_specs=P(), out_specs=P(), check_vma=False)(x)
+
+
+def _in_dtype(collective: Callable[[jax.Array], jax.Array], x: jax.Array, dtype: Any) -> jax.Array:
+    """`collective(x)` (a psum or reduce-scatter) sent in `dtype` (None: x's own), returned in
+    x's dtype. A 16-bit wire runs fully manual (`_fully_manual`): XLA:CPU 0.10 aborts on a
+    bfloat16 all-reduce or reduce-scatter in a partially manual region ("Invalid binary
+    instruction opcode copy": its reducer ends in a sharding-constraint copy); before this,
+    model.param_dtype=bfloat16 with the explicit sync did not compile."""
+    wire = x.dtype if dtype is None else jnp.dtype(dtype)
+    if jnp.dtype(wire).itemsize >= 4:
+        return collective(x.astype(wire)).astype(x.dtype)
+    return _fully_manual(collective, x.astype(wire)).astype(x.dtype)
+
+
+def _gather(x: jax.Array, dim: int, dtype: Any) -> jax.Array:
+    """All-gather `x` over fsdp along `dim` (in x's dtype); its transpose, the gradient's
+    reduce-scatter, is sent in `dtype` (None: the gradient's own) through `_in_dtype`."""
+    def gather(v: jax.Array) -> jax.Array:
+        return jax.lax.all_gather(v, "fsdp", axis=dim, tiled=True)
+    if dtype is None and x.dtype.itemsize >= 4:
+        return gather(x)  # JAX's own transpose
+
+    @jax.custom_vjp
+    def f(v: jax.Array) -> jax.Array:
+        return gather(v)
+
+    def bwd(_: None, ct: jax.Array) -> tuple[jax.Array]:
+        return (_in_dtype(lambda c: jax.lax.psum_scatter(c, "fsdp", scatter_dimension=dim, tiled=True), ct, dtype),)
+    f.defvjp(lambda v: (gather(v), None), bwd)
+    return f(x)
+
+
+def gathering_weights(outer: hooks.Hooks, stored_rules: Rules, dtype: Any = None) -> hooks.Hooks:
     """`outer` with the ZeRO-3 weight hooks for a region manual over `fsdp` whose parameters
     arrive split as `stored_rules` say: `stored_shape` is the local slice's shape (also 1/expert
     of an `expert` dimension when `expert` is manual: each device holds its own experts), and
@@ -105,7 +159,7 @@ def gathering_weights(outer: hooks.Hooks, stored_rules: Rules) -> hooks.Hooks:
 
     def use_weight(w: jax.Array, axes: Any) -> jax.Array:
         for dim in fsdp_dims(axes):
-            w = tensor_local(lambda x, d=dim: jax.lax.all_gather(x, "fsdp", axis=d, tiled=True), w, axes)
+            w = tensor_local(lambda x, d=dim: _gather(x, d, dtype), w, axes)
         return outer.use_weight(w, axes)
 
     return dataclasses.replace(outer, stored_shape=stored_shape, use_weight=use_weight)
@@ -122,10 +176,10 @@ def _spec(ndim: int, dim: int | None, expert_dim: int | None = None) -> P:
     return P(*[("fsdp" if d == dim else "expert" if d == expert_dim else None) for d in range(ndim)])
 
 
-def _reduce_scatter(g: jax.Array, dim: int, logical: P) -> jax.Array:
-    """Reduce-scatter `g` over fsdp along `dim`, on each device's tensor block."""
-    return tensor_local(
-        lambda x: jax.lax.psum_scatter(x, "fsdp", scatter_dimension=dim, tiled=True), g, tuple(logical))
+def _reduce_scatter(g: jax.Array, dim: int, logical: P, dtype: Any = None) -> jax.Array:
+    """Reduce-scatter `g` over fsdp along `dim`, on each device's tensor block, sent in `dtype`."""
+    return tensor_local(lambda x: _in_dtype(
+        lambda v: jax.lax.psum_scatter(v, "fsdp", scatter_dimension=dim, tiled=True), x, dtype), g, tuple(logical))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +196,7 @@ class _SyncPlan:
     early: list[bool]
     experts: list[int | None]
     sizes: dict[str, int]
+    dtype: Any = None  # the wire dtype of the reductions (mesh.grad_comm_dtype; None = the gradients')
 
     @classmethod
     def make(cls, cfg: Config, mesh: Mesh, logical_specs: Any) -> "_SyncPlan":
@@ -153,12 +208,12 @@ class _SyncPlan:
         early = [o is not None and st is None and stage == 2 for st, o in zip(stored, out)]
         experts = [(dims_over(tuple(lg), PARAM_RULES, "expert") or [None])[0] if sizes["expert"] > 1
                    else None for lg in leaves]
-        return cls(treedef, leaves, stored, out, early, experts, sizes)
+        return cls(treedef, leaves, stored, out, early, experts, sizes, comm_dtype(cfg))
 
     def scatter_early(self, grads: Any) -> Any:
         """ZeRO-2: reduce-scatter each microbatch's gradients over fsdp as they are made."""
         flat = self.treedef.flatten_up_to(grads)
-        return self.treedef.unflatten([_reduce_scatter(g, o, lg) if e else g
+        return self.treedef.unflatten([_reduce_scatter(g, o, lg, self.dtype) if e else g
                                        for g, lg, o, e in zip(flat, self.logical, self.out, self.early)])
 
     def finish(self, grads: Any) -> Any:
@@ -172,12 +227,13 @@ class _SyncPlan:
             if st is not None or e:  # reduced over fsdp already (a transpose, or per microbatch)
                 axes = tuple(a for a in SYNC_AXES if a != "fsdp")
             elif o is not None:  # ZeRO-1: reduce-scatter over fsdp now
-                g, axes = _reduce_scatter(g, o, lg), tuple(a for a in SYNC_AXES if a != "fsdp")
+                g, axes = _reduce_scatter(g, o, lg, self.dtype), tuple(a for a in SYNC_AXES if a != "fsdp")
             else:  # not split over fsdp: one all-reduce over data × fsdp × expert × context
                 axes = SYNC_AXES
             if x is not None:
                 axes = tuple(a for a in axes if a != "expert")
-            result.append(tensor_local(lambda v, a=axes: psum_live(v, a, self.sizes) / ways, g, tuple(lg)))
+            result.append(tensor_local(lambda v, a=axes: _in_dtype(lambda u: psum_live(u, a, self.sizes), v,
+                                                                  self.dtype) / ways, g, tuple(lg)))
         return self.treedef.unflatten(result)
 
     def specs(self, dims: list[int | None]) -> Any:
@@ -199,7 +255,7 @@ def make_synced_grads(cfg: Config, mesh: Mesh, logical_specs: Any,
     def local(params: Any, batch: Batch, key: Any) -> tuple[jax.Array, Any]:
         if key is not None:  # different dropout masks per device
             key = jax.random.fold_in(key, jax.lax.axis_index(SYNC_AXES))
-        inner = dataclasses.replace(gathering_weights(hooks.current(), param_rules(cfg.mesh)),
+        inner = dataclasses.replace(gathering_weights(hooks.current(), param_rules(cfg.mesh), plan.dtype),
                                     amax=_global_amax(hooks.current().amax))
         with hooks.installed(inner):
             loss, grads = accumulate(grad_fn, params, batch, key, plan.scatter_early)

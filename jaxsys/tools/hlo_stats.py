@@ -170,6 +170,9 @@ def _multipliers(comps: dict[str, list[str]], entry: str) -> tuple[dict[str, int
             for key in ("calls", "true_computation", "false_computation"):
                 for c in re.findall(rf"\b{key}=%?([\w.\-]+)", line):
                     callees.append((c, 1, True))
+            m = re.search(r"to_apply=%?([\w.\-]+)", line)
+            if m and " call(" in line:  # unoptimized HLO (`Lowered.as_text("hlo")`): shard_map bodies
+                callees.append((m.group(1), 1, True))
             b = re.search(r"branch_computations=\{([^}]*)\}", line)
             if b:  # one branch runs per execution; counting each once is an upper bound
                 callees += [(c.strip().lstrip("%"), 1, True) for c in b.group(1).split(",")]
@@ -184,7 +187,9 @@ def _multipliers(comps: dict[str, list[str]], entry: str) -> tuple[dict[str, int
 
 
 def collectives(hlo: str, mesh: Mesh) -> list[Collective]:
-    """Every collective in `hlo` (optimized HLO text of a program compiled for `mesh`)."""
+    """Every collective in `hlo` (optimized HLO text of a program compiled for `mesh`, or the
+    program as JAX lowered it, `Lowered.as_text("hlo")`: what it asks for before the backend's
+    passes, e.g. XLA:CPU's promotion of 16-bit reductions to float32)."""
     comps, entry = _computations(hlo)
     mult, unknown = _multipliers(comps, entry)
     n_dev = mesh.devices.size

@@ -117,6 +117,8 @@ def closed_form_comm(cfg: Config, sizes: dict[str, int], tp_param_bytes: float,
     Expert parallelism (e = mesh.expert): `expert` is a batch axis, reduced with data, except for
     the experts' weights (`expert_param_bytes` of P, per tensor and expert shard), which are
     reduced over data × fsdp × context only; plus the MoE all-to-alls (`closed_form_expert`).
+    The gradient reductions (reduce-scatter, all-reduce of P) are sent in `mesh.grad_comm_dtype`
+    (P × its itemsize / the parameter itemsize); the parameter all-gathers stay in P's dtype.
     MLA without SP: `_mla_latent_units`; with SP the formula is MHA's (measured on a tiny MLA
     model at tensor=4: 4 all-gathers and 3 reduce-scatters of b·T·D per block plus all-reduces
     of about b·T·(q_lora + kv_lora + Y + 8.5): not modelled)."""
@@ -135,13 +137,15 @@ def closed_form_comm(cfg: Config, sizes: dict[str, int], tp_param_bytes: float,
             out["all-reduce"] += M * (n + m.num_layers * _mla_latent_units(m)[1]) * 2 * (t - 1) / t * act
         out["all-reduce"] += M * 3 * 2 * (t - 1) / t * b * m.seq_len // c * 4
     e = sizes.get("expert", 1)
+    wire = cfg.mesh.grad_comm_dtype
+    g = 1.0 if wire == "auto" else np.dtype(wire).itemsize / np.dtype(m.param_dtype).itemsize
     for nbytes, dc in ((tp_param_bytes - expert_param_bytes, d * e * c), (expert_param_bytes, d * c)):
         n = dc * z
         if cfg.mesh.zero_stage == 0 or z == 1:
-            out["all-reduce"] += 2 * (n - 1) / n * nbytes
+            out["all-reduce"] += 2 * (n - 1) / n * nbytes * g
         else:
-            out["reduce-scatter"] += (z - 1) / z * nbytes
-            out["all-reduce"] += 2 * (dc - 1) / dc * nbytes / z
+            out["reduce-scatter"] += (z - 1) / z * nbytes * g
+            out["all-reduce"] += 2 * (dc - 1) / dc * nbytes / z * g
             out["all-gather"] += (z - 1) / z * nbytes
     for kind, wire in (*closed_form_context(cfg, sizes).items(), *expert_plan.closed_form_expert(cfg, sizes).items()):
         out[kind] += wire
@@ -297,6 +301,7 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
               "context_kind": cfg.context_parallel.kind if sizes["context"] > 1 else None,
               "tensor": sizes["tensor"], "zero_stage": m.zero_stage,
               "sequence_parallel": m.sequence_parallel, "grad_sync": m.grad_sync,
+              "grad_comm_dtype": m.grad_comm_dtype, "platform": devices[0].platform,
               "accelerator": acc.name, "params": n_params,
               "active_params": n_active}
     formula_mem = closed_form_state(cfg, sizes, n_params, n_expert)
@@ -391,8 +396,10 @@ def format_plan(p: Plan) -> str:
     """A readable report: memory and communication beside their closed forms, roofline."""
     active = p.layout.get("active_params", p.layout["params"])
     params = f"{p.layout['params']:,} parameters" + (f", {active:,} active per token" if active != p.layout["params"] else "")
+    wire = p.layout.get("grad_comm_dtype", "auto")
     lines = [f"layout: {p.layout['name']} on {p.layout['devices']} devices, grad_sync "
-             f"{p.layout.get('grad_sync', '?')} ({params}; compiled in {p.compile_s:.1f} s)", "",
+             f"{p.layout.get('grad_sync', '?')}{'' if wire == 'auto' else f' (gradients sent in {wire})'} "
+             f"({params}; compiled in {p.compile_s:.1f} s)", "",
              "memory per device (MiB)      compiled    formula"]
     for key in ("params", "grads", "optimizer"):
         lines.append(f"  {key:<26} {_mib(p.memory[key]):>9}  {_mib(p.memory_formula[key]):>9}")
@@ -413,6 +420,9 @@ def format_plan(p: Plan) -> str:
             lines.append(f"  {k:<26} {_mib(p.comm_bytes[k]):>9}  {_mib(p.comm_formula[k]):>9}")
     lines.append(f"  {'total':<26} {_mib(sum(p.comm_bytes.values())):>9}  "
                  f"{_mib(sum(p.comm_formula.values())):>9}")
+    if wire in ("bfloat16", "float16") and p.layout.get("platform") == "cpu":
+        lines.append(f"  (XLA:CPU runs {wire} reductions in float32: the compiled bytes are float32's;"
+                     " the formula is what a GPU/TPU sends)")
     r = p.roofline
     lines += ["", f"FLOPs per device per step: {p.flops:.4g} (cost analysis), "
                   f"{p.flops_formula:.4g} (6N + attention)",

@@ -308,8 +308,11 @@ class _Loop:
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             rb.last_loss = m["loss"]
             rb.losses.append(rb.last_loss)
-            rb.consecutive_skips = rb.consecutive_skips + 1 if m["skipped"] else 0
-            if m["skipped"]:
+            # A loss-scale overflow (jaxsys.train.loss_scale) is expected: it neither counts nor breaks a streak.
+            overflow = m.get("overflow", 0.0) > 0
+            if not overflow:
+                rb.consecutive_skips = rb.consecutive_skips + 1 if m["skipped"] else 0
+            if m["skipped"] and not overflow:
                 _log(f"step {step_done}: loss {rb.last_loss}, gradient norm {m['grad_norm']}: update "
                      f"skipped ({rb.consecutive_skips} in a row, {int(m['skipped_total'])} in all)", "skipped",
                      "warn", step=step_done, loss=rb.last_loss, in_a_row=rb.consecutive_skips)

@@ -23,6 +23,7 @@ from jaxsys.parallel import rules
 from jaxsys.parallel.install import parallelize
 from jaxsys.parallel.layout import check_layout
 from jaxsys.parallel.mesh import replicated
+from jaxsys.train import loss_scale
 from jaxsys.train.optimizer import make_lr_schedule, make_optimizer
 
 
@@ -64,6 +65,8 @@ def setup(cfg: Config, mesh: Mesh) -> Setup:
     model = Transformer(cfg.model)
     lr_schedule = make_lr_schedule(cfg.lr_schedule, cfg.optimizer.lr, cfg.train.steps)
     tx = make_optimizer(cfg.optimizer, lr_schedule)
+    if loss_scale.enabled(cfg):  # the scale rides in the optimizer state (loss_scale.LossScaleState)
+        tx = loss_scale.wrap(tx, cfg.train.loss_scale_init)
     params, logical_specs = abstract_params(cfg.model)
     check_layout(cfg, mesh, params, logical_specs)
 

@@ -29,6 +29,7 @@ from jaxsys.parallel.mesh import replicated
 from jaxsys.parallel.pipeline.executor import pipeline_grads
 from jaxsys.parallel.pipeline.program import compile_schedule, make_schedule
 from jaxsys.parallel.rules import with_shardings
+from jaxsys.train import loss_scale, optimizer
 from jaxsys.train.state import Setup, TrainState, abstract_state
 
 Metrics = dict[str, jax.Array]
@@ -73,16 +74,18 @@ def accumulate(grad_fn: GradFn, params: Any, batch: Batch, key: jax.Array | None
     return (loss_sum / num_micro, jax.tree_util.tree_map(lambda v: v.mean(0), stats_A)), grads
 
 
-def _loss_and_grads(s: Setup, model_state: dict[str, Any]) -> GradFn:
+def _loss_and_grads(s: Setup, model_state: dict[str, Any], scale: jax.Array | None = None) -> GradFn:
     """`(params, batch, key) -> (mean loss, grads)` of one step, by the strategy the mesh asks for;
     for an MoE model `((mean cross-entropy, MoE stats), grads)`, the gradients those of
-    `loss.objective` (cross-entropy + balancing terms) with `model_state` held fixed."""
+    `loss.objective` (cross-entropy + balancing terms) with `model_state` held fixed. With a loss
+    `scale` (`jaxsys.train.loss_scale`) the gradients are those of scale · loss (the loss
+    itself unscaled): the caller unscales them after the sync."""
     cfg = s.cfg
-    grad_fn: GradFn = jax.value_and_grad(lambda p, b, k: loss(s.model, p, b, k))
+    grad_fn: GradFn = loss_scale.value_and_scaled_grad(lambda p, b, k: loss(s.model, p, b, k), scale)
     if cfg.model.moe.num_experts:
-        grad_fn = lambda p, b, k: _moe_grads(s, model_state, p, b, k)  # noqa: E731
+        grad_fn = lambda p, b, k: _moe_grads(s, model_state, p, b, k, scale)  # noqa: E731
     if s.mesh.shape["pipe"] > 1:  # the pipeline computes loss and gradients itself (no dropout;
-        # for MoE the objective's, with the statistics beside the cross-entropy)
+        # for MoE the objective's, with the statistics beside the cross-entropy; no loss scale: checks.py)
         prog = compile_schedule(make_schedule(cfg, s.mesh.shape["pipe"]))
         grad_fn = lambda p, b, k: pipeline_grads(cfg, s.mesh, prog, p, b, model_state)[:2]  # noqa: E731
     accumulate_ = functools.partial(accumulate, num_micro=cfg.train.grad_accum)
@@ -98,10 +101,10 @@ def _loss_and_grads(s: Setup, model_state: dict[str, Any]) -> GradFn:
 
 
 def _moe_grads(s: Setup, model_state: dict[str, Any], params: Any, batch: Batch,
-               key: Any) -> tuple[tuple[jax.Array, Any], Any]:
-    """((cross-entropy, MoE stats), gradients of cross-entropy + the balancing terms)."""
-    (_, (ce, stats)), grads = jax.value_and_grad(
-        lambda p: objective(s.model, p, model_state, batch, key), has_aux=True)(params)
+               key: Any, scale: jax.Array | None = None) -> tuple[tuple[jax.Array, Any], Any]:
+    """((cross-entropy, MoE stats), gradients of cross-entropy + the balancing terms (× `scale`))."""
+    (_, (ce, stats)), grads = loss_scale.value_and_scaled_grad(
+        lambda p: objective(s.model, p, model_state, batch, key), scale, has_aux=True)(params)
     return (ce, stats), grads
 
 
@@ -118,26 +121,36 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
     use_dropout = cfg.model.dropout > 0.0
     base_key = jax.random.key(cfg.train.seed + 1)
     moe_on = bool(cfg.model.moe.num_experts)
+    scaled = loss_scale.enabled(cfg)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(base_key, state.step) if use_dropout else None
         batch = normalize_loss_mask(batch)  # packed documents: weights over the whole batch
         batch = context.reorder_batch(cfg, s.mesh.shape["context"], batch)  # zigzag, if on
-        loss_, grads = _loss_and_grads(s, state.model_state)(state.params, batch, key)
+        scaling = state.opt_state if scaled else None  # loss_scale.LossScaleState
+        scale = scaling.scale if scaled else None
+        loss_, grads = _loss_and_grads(s, state.model_state, scale)(state.params, batch, key)
+        if scaled:  # after the sync: every device divides the same summed gradients
+            grads = loss_scale.unscale(grads, scale)
         loss_, stats = loss_ if moe_on else (loss_, None)
         if cfg.faults.nan_steps:
             loss_, grads = _poison(cfg, state.step, loss_, grads)
         updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)  # zero updates when skipped
+        finite = loss_scale.unwrap(opt_state)  # optax.apply_if_finite's state
+        params = optimizer.apply_updates(state.params, updates, finite)  # unchanged when skipped
         metrics = {"loss": loss_, "grad_norm": optax.global_norm(grads), "lr": s.lr_schedule(state.step),
-                   "skipped": 1.0 - opt_state.last_finite.astype(jnp.float32),
-                   "skipped_total": opt_state.total_notfinite.astype(jnp.float32)}
+                   "skipped": 1.0 - finite.last_finite.astype(jnp.float32),
+                   "skipped_total": finite.total_notfinite.astype(jnp.float32)}
+        if scaled:
+            metrics["loss_scale"] = scale
+            metrics["overflow"] = loss_scale.overflowed(scaling, loss_, finite.last_finite).astype(jnp.float32)
+            opt_state = loss_scale.adjust(opt_state, loss_, finite.last_finite, cfg.train.loss_scale_period)
         model_state = state.model_state
         if moe_on:
             metrics.update(moe.step_metrics(stats))
             # The loss-free bias moves after the update, from the whole step's load; not on a skipped step.
             moved = moe.update_bias(model_state, stats, cfg.model.moe.bias_update_rate)
-            model_state = jax.tree_util.tree_map(lambda new, old: jnp.where(opt_state.last_finite, new, old),
+            model_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite.last_finite, new, old),
                                                  moved, model_state)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                           model_state=model_state), metrics
