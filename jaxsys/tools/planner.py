@@ -12,6 +12,10 @@ next to closed forms:
   Megatron/ZeRO closed-form wire bytes, and with expert parallelism the all-to-alls of the
   MoE dispatch and combine beside theirs (`expert_plan.closed_form_expert`); the experts'
   weights, split over `expert`, get their own memory row.
+- remat and host offload (`memory_moves`): the policy compiled (`model.remat=auto` resolved on
+  the program training compiles, `jaxsys.train.remat_auto`, each candidate's peak shown) and
+  the bytes per device `train.offload=optimizer` / `model.remat=offload_dots_no_batch` put on
+  the host; on the CPU, which refuses offload, the same step is planned without it.
 - FLOPs from `cost_analysis()` and a roofline step time (`roofline`); the closed form 6N +
   attention counts N = the parameters one token uses (MoE: its top_k routed experts only).
 
