@@ -12,7 +12,7 @@ next to closed forms:
   Megatron/ZeRO closed-form wire bytes, and with expert parallelism the all-to-alls of the
   MoE dispatch and combine beside theirs (`expert_plan.closed_form_expert`); the experts'
   weights, split over `expert`, get their own memory row.
-- remat and host offload (`memory_moves`): the policy compiled (`model.remat=auto` resolved on
+- remat and host offload (`memory_plan`): the policy compiled (`model.remat=auto` resolved on
   the program training compiles, `jaxsys.train.remat_auto`, each candidate's peak shown) and
   the bytes per device `train.offload=optimizer` / `model.remat=offload_dots_no_batch` put on
   the host; on the CPU, which refuses offload, the same step is planned without it.
@@ -56,7 +56,7 @@ from jaxsys.model.params import count_params
 from jaxsys.parallel import context as context_lib
 from jaxsys.parallel import rules
 from jaxsys.parallel.mesh import MESH_AXES, batch_ways, layout_name as mesh_layout_name, make_mesh
-from jaxsys.tools import expert_plan, hlo_stats, roofline
+from jaxsys.tools import expert_plan, hlo_stats, memory_plan, roofline
 from jaxsys.train import remat_auto
 from jaxsys.train import state as state_lib
 
@@ -213,7 +213,7 @@ class Plan:
     flops_formula: float  # 6N + attention (PaLM), per device per step
     roofline: dict[str, float]
     compile_s: float
-    # model.remat and host offload (`memory_moves`): the policy compiled, each one tried by
+    # model.remat and host offload (`memory_plan`): the policy compiled, each one tried by
     # model.remat=auto with its peak / temporaries, and the bytes per device offload puts on the host.
     remat: dict[str, Any] = dataclasses.field(default_factory=dict)
     offload: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -250,7 +250,7 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
     acc = get_accelerator(accelerator)  # an unknown name fails before the compile
     devices = list(devices if devices is not None else jax.devices())
     wanted = cfg
-    cfg = offload_stand_in(cfg, devices[0].platform)
+    cfg = memory_plan.offload_stand_in(cfg, devices[0].platform)
     mesh = make_mesh(cfg.mesh, devices)
     tried: list[remat_auto.Tried] = []
     if cfg.model.remat == "auto":  # chosen on the programs training compiles (scan_layers as configured)
@@ -318,63 +318,7 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
     formula_mem["activations"] = closed_form_activations(cfg, sizes)
     formula_mem["expert_params"] = closed_form_state(cfg, sizes, n_expert, n_expert)["params"]
     return Plan(layout, memory, formula_mem, rows, comm, closed_form_comm(cfg, sizes, tp_param_b, expert_tp_b),
-                flops, flops_formula, est, compile_s, *memory_moves(wanted, s, compiled, tried, sizes))
-
-
-# ----------------------------------------------------------------------------- remat and offload
-
-
-def offload_stand_in(cfg: Config, platform: str) -> Config:
-    """On the CPU, which refuses host offload (`check_memory_platform`), the config planned in its
-    place: the same step without the offload (train.offload=none; offload_dots_no_batch ->
-    dots_no_batch, which saves the same activations on the device). Elsewhere `cfg`."""
-    if platform != "cpu":
-        return cfg
-    over = ["train.offload=none"] * (cfg.train.offload != "none")
-    over += ["model.remat=dots_no_batch"] * (cfg.model.remat == "offload_dots_no_batch")
-    return apply_overrides(cfg, over) if over else cfg
-
-
-def memory_moves(cfg: Config, s: state_lib.Setup, compiled: Any, tried: list[remat_auto.Tried],
-                 sizes: dict[str, int]) -> tuple[dict[str, Any], dict[str, float]]:
-    """(remat, offload) of a `Plan`: the policy compiled and every policy tried with its peak and
-    temporaries in bytes; and the bytes per device host offload moves (`optimizer`: the AdamW
-    moments' shards, measured from their shardings; `activations`: `closed_form_offloaded`, the
-    saved weight-matmul outputs; `compiled_host_temp`: what the compiled program keeps in host
-    memory, 0 where the offload was not compiled: on the CPU `offload_stand_in` planned without it)."""
-    remat = {"configured": cfg.model.remat, "compiled": s.cfg.model.remat,
-             "tried": [dataclasses.asdict(t) for t in tried]}
-    offload: dict[str, float] = {}
-    if cfg.train.offload == "optimizer":
-        moments = optax_moments(state_lib.abstract_state(s).opt_state, s.state_sharding.opt_state)
-        offload["optimizer"] = moments
-    if cfg.model.remat == "offload_dots_no_batch":
-        offload["activations"] = closed_form_offloaded(cfg, sizes)
-    if offload:
-        offload["compiled_host_temp"] = float(getattr(compiled.memory_analysis(), "host_temp_size_in_bytes", 0))
-    return remat, offload
-
-
-def optax_moments(abstract_opt: Any, opt_shardings: Any) -> float:
-    """Per-device bytes of the optimizer state's array leaves of more than one element (the AdamW
-    moments; not the step counters)."""
-    leaves = jax.tree_util.tree_leaves(abstract_opt)
-    shs = jax.tree_util.tree_leaves(opt_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    return float(sum(math.prod(sh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-                     for x, sh in zip(leaves, shs) if math.prod(x.shape) > 1))
-
-
-def closed_form_offloaded(cfg: Config, sizes: dict[str, int]) -> float:
-    """Bytes per device `model.remat=offload_dots_no_batch` sends to the host: per layer the outputs
-    of the matmuls without batch dimensions (`dots_with_no_batch_dims_saveable`: QKV (H + 2K)·E, the
-    attention output projection D, the MLP's input (1 or, SwiGLU, 2 × F) and output D per token), in
-    the compute dtype, for s = T/c positions of b sequences, the tensor-split ones divided by t."""
-    m = cfg.model.resolved()
-    t, c = sizes["tensor"], sizes.get("context", 1)
-    b = cfg.train.batch_size // cfg.train.grad_accum // batch_ways(sizes)
-    mlp_in = (1 if m.family == "gpt2" else 2) * m.mlp_dim
-    per_token = ((m.num_heads + 2 * m.num_kv_heads) * m.head_dim + mlp_in) / t + 2 * m.embed_dim
-    return m.num_layers * b * (m.seq_len // c) * per_token * np.dtype(m.compute_dtype).itemsize
+                flops, flops_formula, est, compile_s, *memory_plan.memory_moves(wanted, s, compiled, tried, sizes))
 
 
 def long_sequence(cfg: Config) -> bool:
@@ -474,7 +418,7 @@ def format_plan(p: Plan) -> str:
     lines.append(f"  {'temporaries (XLA temp)':<26} {_mib(p.memory['temp']):>9}  "
                  f"{_mib(p.memory_formula['activations']):>9}  (formula: activations only)")
     lines.append(f"  {'peak':<26} {_mib(p.memory['peak']):>9}")
-    lines += format_memory_moves(p)
+    lines += memory_plan.format_memory_moves(p.remat, p.offload)
     lines += ["", "collectives per step          axes            count   wire MiB"]
     for r in p.collectives:
         lines.append(f"  {r['kind']:<26} {','.join(r['axes']) or '-':<14} {r['count']:>7}  "
@@ -492,20 +436,6 @@ def format_plan(p: Plan) -> str:
               f"memory {r['memory_s'] * 1e3:.3f} ms, communication {r['comm_s'] * 1e3:.3f} ms -> "
               f"step {r['step_s'] * 1e3:.3f} ms ({r['step_overlapped_s'] * 1e3:.3f} ms if fully overlapped)"]
     return "\n".join(lines)
-
-
-def format_memory_moves(p: Plan) -> list[str]:
-    """The remat policy compiled (and, for auto, each tried) and what host offload moves."""
-    r = p.remat
-    if not r:
-        return []
-    tried = "; ".join(f"{t['policy']} peak {_mib(t['peak'])}, temp {_mib(t['temp'])} MiB" for t in r["tried"])
-    lines = [f"  remat: {r['compiled']}" + (f" (auto, first to fit of: {tried})" if r["configured"] == "auto" else "")]
-    where = {"optimizer": "AdamW moments, compiled shardings", "activations": "saved weight-matmul outputs, formula",
-             "compiled_host_temp": "host temporaries of the compiled step"}
-    for key, nbytes in p.offload.items():
-        lines.append(f"  {'to host: ' + key:<26} {_mib(nbytes):>9}  ({where[key]})")
-    return lines
 
 
 def _same_program_key(p: Plan) -> tuple:
