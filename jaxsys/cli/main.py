@@ -1,6 +1,7 @@
 """The `jaxsys` command line.
 
-    jaxsys train [--preset NAME | --config FILE] [--devices N] [--quiet] [--log-format json] [key=value ...]
+    jaxsys train [--preset NAME | --config FILE] [--devices N] [--quiet] [--log-format json]
+                 [--memory-budget GiB] [key=value ...]   # GiB: what model.remat=auto must fit
     jaxsys eval --run-dir DIR [--data FILE] [--batches N] [--json]   # loss, perplexity, bits per byte
     jaxsys plot RUN_DIR [RUN_DIR ...] [--out FILE]       # loss, val loss and lr against steps (PNG)
     jaxsys sample --run-dir DIR [--prompt TEXT] [--num-samples N] [--top-p P] [--draft-run-dir D] ...
@@ -75,6 +76,8 @@ def _resolve(args: argparse.Namespace):
         flags += ["logging.progress=false", "logging.quiet=true"]
     if getattr(args, "log_format", None):
         flags.append(f"logging.format={args.log_format}")
+    if getattr(args, "memory_budget", None):
+        flags.append(f"train.memory_budget={args.memory_budget}")  # what model.remat=auto must fit
     return apply_overrides(base, [*args.overrides, *flags])
 
 
@@ -221,9 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="plan every valid data × fsdp × tensor × ZeRO × SP layout (× context × kind for a "
                                 "long sequence) and rank them")
             p.add_argument("--memory-budget", type=_number(0, inclusive=False), default=None, metavar="GiB",
-                           help="--search: drop layouts whose peak bytes per device exceed this "
-                                "(default: the accelerator's memory)")
+                           help="per-device peak bytes to fit: --search drops layouts over it (default: the "
+                                "accelerator's memory); model.remat=auto picks the first policy under it "
+                                "(train.memory_budget)")
         if name == "train":
+            p.add_argument("--memory-budget", type=_number(0, inclusive=False), default=None, metavar="GiB",
+                           help="per-device memory for model.remat=auto to fit the compiled step's peak into "
+                                "(train.memory_budget; default: the device's memory)")
             p.add_argument("--distributed", action="store_true",
                            help="one of several processes: jax.distributed.initialize() detects "
                                 "SLURM / Open MPI / Kubernetes (also JAXSYS_DISTRIBUTED=1)")

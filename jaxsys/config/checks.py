@@ -117,6 +117,7 @@ def validate(cfg: Config) -> None:
     _validate_pipeline(cfg)
     _validate_expert_parallel(cfg)
     _validate_precision(cfg)
+    _validate_memory(cfg)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}.")
     _validate_data(cfg)
@@ -351,3 +352,29 @@ def _validate_expert_parallel(cfg: Config) -> None:
     if t > 1 and F % t:
         raise ConfigError(f"The experts' hidden size {F} (model.moe.expert_dim, 0 = model.mlp_dim) is not "
                           f"divisible by mesh.tensor={t}; use an expert_dim that is a multiple of {t}.")
+
+
+def _validate_memory(cfg: Config) -> None:
+    """train.memory_budget is a size; model.remat=auto and host offload need what they choose by."""
+    budget = cfg.train.memory_budget
+    if not budget >= 0:  # also nan
+        raise ConfigError(f"train.memory_budget must be ≥ 0 GiB (0 = the device's memory), got {budget}.")
+
+
+def check_memory_platform(cfg: Config, platform: str) -> None:
+    """What needs the devices' platform (`jax.Device.platform`), checked before any compile:
+    host offload needs a separate host memory, `model.remat=auto` a memory to fit."""
+    if platform != "cpu":
+        return
+    # Measured (jax 0.10.2): XLA:CPU accepts pinned_host memory kinds but its device memory *is*
+    # host memory, and it compiles the offload to nothing (host_temp_size_in_bytes 0, the same
+    # temporaries): an offload there would look like it works and save no byte.
+    if cfg.train.offload != "none":
+        raise ConfigError(f"train.offload={cfg.train.offload} needs a GPU or TPU: on the CPU the device "
+                          "memory is host memory, nothing would move; use train.offload=none.")
+    if cfg.model.remat == "offload_dots_no_batch":
+        raise ConfigError("model.remat=offload_dots_no_batch needs a GPU or TPU: on the CPU the device "
+                          "memory is host memory, nothing would move; use model.remat=dots_no_batch.")
+    if cfg.model.remat == "auto" and not cfg.train.memory_budget:
+        raise ConfigError("model.remat=auto on the CPU needs a per-device budget to fit: pass "
+                          "--memory-budget GiB (train.memory_budget), or choose model.remat yourself.")

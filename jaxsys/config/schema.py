@@ -99,7 +99,13 @@ class ModelConfig:
     qk_rope_dim: int = 0  # 0 = head_dim // 2 (DeepSeek-V3: 64 beside 128)
     v_head_dim: int = 0  # 0 = head_dim
     scan_layers: bool = True
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # What a layer's backward pass recomputes (jaxsys.model.block.REMAT_POLICIES), least first:
+    # "none" saves every activation; "dots" every matmul's output (the attention scores too);
+    # "dots_no_batch" the weight matmuls' outputs only; "full" only the layer input.
+    # "offload_dots_no_batch" saves what dots_no_batch saves in host memory (memory kind
+    # pinned_host; GPU/TPU only). "auto" (jaxsys.train.remat_auto): the first of none, dots,
+    # dots_no_batch, full whose compiled peak fits train.memory_budget.
+    remat: Literal["none", "full", "dots", "dots_no_batch", "offload_dots_no_batch", "auto"] = "none"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # fp8 matmuls for the dense layers (jaxsys.model.fp8): "none", or "current" — the QKV,
@@ -253,6 +259,14 @@ class TrainConfig:
     loss_scale: Literal["auto", "dynamic", "none"] = "auto"
     loss_scale_init: float = 2.0**15  # the first step's scale (a power of two)
     loss_scale_period: int = 2000  # finite steps in a row before the scale doubles
+    # Per-device memory, in GiB (2**30 bytes), that model.remat=auto must fit the compiled train
+    # step's peak into (arguments + outputs - aliased + temporaries, as `jaxsys plan` counts it);
+    # 0 = the device's own memory (refused on CPU, which has no device memory to go by).
+    memory_budget: float = 0.0
+    # Host offload (GPU/TPU only): "optimizer" keeps the AdamW moments in host memory (memory kind
+    # pinned_host) between steps, brought to the device for the update. Saved activations are
+    # offloaded by model.remat=offload_dots_no_batch.
+    offload: Literal["none", "optimizer"] = "none"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ REMAT_POLICIES = {
     "full": None,  # save nothing inside a block: recompute it all in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # dots_no_batch's saved set, moved to host memory after the forward and back for the backward.
+    "offload_dots_no_batch": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 

@@ -64,6 +64,8 @@ def _block_class(c: ModelConfig) -> Any:
     """`Block`, wrapped in the model's remat policy when `model.remat` asks for one."""
     if c.remat == "none":
         return Block
+    if c.remat not in REMAT_POLICIES:  # "auto" is a choice made by compiling (jaxsys.train.remat_auto)
+        raise ValueError(f"model.remat={c.remat} must be resolved to a policy before the model is built")
     return nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
 
 

@@ -12,6 +12,10 @@ next to closed forms:
   Megatron/ZeRO closed-form wire bytes, and with expert parallelism the all-to-alls of the
   MoE dispatch and combine beside theirs (`expert_plan.closed_form_expert`); the experts'
   weights, split over `expert`, get their own memory row.
+- remat and host offload (`memory_plan`): the policy compiled (`model.remat=auto` resolved on
+  the program training compiles, `jaxsys.train.remat_auto`, each candidate's peak shown) and
+  the bytes per device `train.offload=optimizer` / `model.remat=offload_dots_no_batch` put on
+  the host; on the CPU, which refuses offload, the same step is planned without it.
 - FLOPs from `cost_analysis()` and a roofline step time (`roofline`); the closed form 6N +
   attention counts N = the parameters one token uses (MoE: its top_k routed experts only).
 
@@ -52,9 +56,9 @@ from jaxsys.model.params import count_params
 from jaxsys.parallel import context as context_lib
 from jaxsys.parallel import rules
 from jaxsys.parallel.mesh import MESH_AXES, batch_ways, layout_name as mesh_layout_name, make_mesh
-from jaxsys.tools import expert_plan, hlo_stats, roofline
+from jaxsys.tools import expert_plan, hlo_stats, memory_plan, roofline
+from jaxsys.train import remat_auto
 from jaxsys.train import state as state_lib
-from jaxsys.train import step as step_lib
 
 
 def _shard_bytes(abstract: Any, shardings: Any) -> int:
@@ -213,6 +217,10 @@ class Plan:
     flops_formula: float  # 6N + attention (PaLM), per device per step
     roofline: dict[str, float]
     compile_s: float
+    # model.remat and host offload (`memory_plan`): the policy compiled, each one tried by
+    # model.remat=auto with its peak / temporaries, and the bytes per device offload puts on the host.
+    remat: dict[str, Any] = dataclasses.field(default_factory=dict)
+    offload: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def state_bytes(self) -> float:
@@ -244,13 +252,20 @@ def _kind_name(cfg: Config) -> str:
 def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") -> Plan:
     """Compile `cfg`'s train step for its mesh over `devices` (default: all) and report."""
     acc = get_accelerator(accelerator)  # an unknown name fails before the compile
-    cfg = apply_overrides(cfg, ["model.scan_layers=false"])
     devices = list(devices if devices is not None else jax.devices())
-    s = state_lib.setup(cfg, make_mesh(cfg.mesh, devices))
-    sizes = dict(s.mesh.shape)
+    wanted = cfg
+    cfg = memory_plan.offload_stand_in(cfg, devices[0].platform)
+    mesh = make_mesh(cfg.mesh, devices)
+    tried: list[remat_auto.Tried] = []
+    if cfg.model.remat == "auto":  # chosen on the programs training compiles (scan_layers as configured)
+        picked, _, tried = remat_auto.resolve(cfg, mesh)
+        cfg = apply_overrides(cfg, [f"model.remat={picked.cfg.model.remat}"])
+    cfg = apply_overrides(cfg, ["model.scan_layers=false"])
     t0 = time.perf_counter()
-    compiled = step_lib.compile_train_step(s)
+    s, compiled, compiled_tried = remat_auto.resolve(cfg, mesh)
     compile_s = time.perf_counter() - t0
+    tried = tried or compiled_tried
+    sizes = dict(s.mesh.shape)
 
     abstract = state_lib.abstract_state(s)
     params_b = _shard_bytes(abstract.params, s.state_sharding.params)
@@ -308,7 +323,7 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
     formula_mem["activations"] = closed_form_activations(cfg, sizes)
     formula_mem["expert_params"] = closed_form_state(cfg, sizes, n_expert, n_expert)["params"]
     return Plan(layout, memory, formula_mem, rows, comm, closed_form_comm(cfg, sizes, tp_param_b, expert_tp_b),
-                flops, flops_formula, est, compile_s)
+                flops, flops_formula, est, compile_s, *memory_plan.memory_moves(wanted, s, compiled, tried, sizes))
 
 
 def long_sequence(cfg: Config) -> bool:
@@ -410,6 +425,7 @@ def format_plan(p: Plan) -> str:
     lines.append(f"  {'temporaries (XLA temp)':<26} {_mib(p.memory['temp']):>9}  "
                  f"{_mib(p.memory_formula['activations']):>9}  (formula: activations only)")
     lines.append(f"  {'peak':<26} {_mib(p.memory['peak']):>9}")
+    lines += memory_plan.format_memory_moves(p.remat, p.offload)
     lines += ["", "collectives per step          axes            count   wire MiB"]
     for r in p.collectives:
         lines.append(f"  {r['kind']:<26} {','.join(r['axes']) or '-':<14} {r['count']:>7}  "

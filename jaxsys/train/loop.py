@@ -32,6 +32,7 @@ from jaxsys.model.flops import active_params, flops_per_token
 from jaxsys.model.params import count_params
 from jaxsys.parallel.mesh import layout_name, make_mesh
 from jaxsys.parallel.rules import with_shardings
+from jaxsys.train import remat_auto
 from jaxsys.train import rollback as rollback_lib
 from jaxsys.train import state as state_lib
 from jaxsys.train import step as step_lib
@@ -115,6 +116,7 @@ class _Run:
     target: Any  # the TrainState as ShapeDtypeStructs with shardings (restore / lowering target)
     num_params: int
     changes: list = field(default_factory=list)  # run_dir.Change: settings that differ from config.json
+    train_step: Any = None  # already compiled (model.remat=auto compiles to choose), else None
 
 
 def _prepare(cfg: Config, devices: list | None, timings: Timings) -> _Run:
@@ -124,7 +126,9 @@ def _prepare(cfg: Config, devices: list | None, timings: Timings) -> _Run:
         corpus = load_corpus(cfg.data)
         check_corpus(cfg, corpus)
     mesh = make_mesh(cfg.mesh, devices)
-    s = state_lib.setup(cfg, mesh)
+    auto = cfg.model.remat == "auto"
+    # The shardings do not depend on the remat policy: a stand-in one for the checks below.
+    s = state_lib.setup(config_lib.apply_overrides(cfg, ["model.remat=none"]) if auto else cfg, mesh)
     run_dir = Path(cfg.run_dir)
     changes = run_dir_lib.check_run_dir(run_dir, cfg, corpus.tokenizer.to_json())  # reads only
     target = with_shardings(state_lib.abstract_state(s), s.state_sharding)
@@ -138,6 +142,8 @@ def _prepare(cfg: Config, devices: list | None, timings: Timings) -> _Run:
          run_dir=str(run_dir), params=run.num_params,
          mesh=layout_name(dict(mesh.shape), context_kind=cfg.context_parallel.kind),
          devices=mesh.devices.size, processes=jax.process_count())
+    if auto:  # compiles each candidate policy until one fits; an impossible budget stops here
+        run.setup, run.train_step, _ = remat_auto.resolve(cfg, mesh, batches_lib.batch_keys(corpus.train), _log)
     return run
 
 
@@ -206,7 +212,7 @@ def _compile(run: _Run) -> tuple[Any, Any, float]:
     """The compiled train and eval steps, and the seconds compiling took."""
     t0 = time.perf_counter()
     keys = batches_lib.batch_keys(run.corpus.train)  # + segment_ids, positions, loss_mask when packed
-    step_fn = step_lib.compile_train_step(run.setup, keys)
+    step_fn = run.train_step or step_lib.compile_train_step(run.setup, keys)
     eval_fn = step_lib.compile_eval_step(run.setup, run.cfg.train.batch_size, keys)
     seconds = time.perf_counter() - t0
     _log(f"Compiled train and eval steps in {seconds:.1f}s", "compiled", seconds=seconds)

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxsys import config as config_lib
 from jaxsys.config import Config
+from jaxsys.config.checks import check_memory_platform
 from jaxsys.model.transformer import Transformer, abstract_model_state, abstract_params, init_variables
 from jaxsys.parallel import rules
 from jaxsys.parallel.install import parallelize
@@ -56,12 +57,16 @@ class Setup:
     # (With the explicit sync, jaxsys.parallel.zero, ZeRO-1's gradients leave the step split too.)
     grad_sharding: Any = None
     activation_rules: rules.Rules = rules.ACTIVATION_RULES  # pass to parallelize
+    # train.offload=optimizer: the optimizer state's shardings in device memory, where the step
+    # computes the update (`state_sharding.opt_state` keeps the moments in pinned_host); else None.
+    opt_compute_sharding: Any = None
 
 
 def setup(cfg: Config, mesh: Mesh) -> Setup:
     """Build model and optimizer, derive every sharding from `eval_shape`, and validate the
     layout. Nothing is compiled or allocated; layout errors surface here as `ConfigError`."""
     config_lib.validate(cfg)
+    check_memory_platform(cfg, mesh.devices.flat[0].platform)
     model = Transformer(cfg.model)
     lr_schedule = make_lr_schedule(cfg.lr_schedule, cfg.optimizer.lr, cfg.train.steps)
     tx = make_optimizer(cfg.optimizer, lr_schedule)
@@ -77,12 +82,17 @@ def setup(cfg: Config, mesh: Mesh) -> Setup:
     # counters and other non-parameter leaves are replicated.
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, moment_sh,
                                    transform_non_params=lambda _: replicated(mesh))
+    opt_compute_sh = None
+    if cfg.train.offload == "optimizer":  # the moments live on the host between steps
+        opt_compute_sh = opt_sh
+        opt_sh = optax.tree_map_params(tx, lambda _, s: s.with_memory_kind("pinned_host"), abstract_opt,
+                                       moment_sh, transform_non_params=lambda _: replicated(mesh))
     model_state_sh = jax.tree_util.tree_map(lambda _: replicated(mesh), abstract_model_state(cfg.model))
     state_sh = TrainState(step=replicated(mesh), params=param_sh, opt_state=opt_sh, model_state=model_state_sh)
     return Setup(cfg, mesh, model, tx, lr_schedule, params, logical_specs, state_sh,
                  rules.batch_sharding(mesh),
                  grad_sharding=rules.param_shardings(logical_specs, mesh, rules.grad_rules(cfg.mesh)),
-                 activation_rules=rules.activation_rules(cfg.mesh))
+                 activation_rules=rules.activation_rules(cfg.mesh), opt_compute_sharding=opt_compute_sh)
 
 
 def init_state(s: Setup, seed: int) -> TrainState:

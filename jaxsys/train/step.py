@@ -135,7 +135,10 @@ def make_train_step(s: Setup) -> Callable[[TrainState, Batch], tuple[TrainState,
         loss_, stats = loss_ if moe_on else (loss_, None)
         if cfg.faults.nan_steps:
             loss_, grads = _poison(cfg, state.step, loss_, grads)
-        updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
+        opt_state = state.opt_state
+        if s.opt_compute_sharding is not None:  # train.offload=optimizer: host -> device for the update
+            opt_state = jax.device_put(opt_state, s.opt_compute_sharding)
+        updates, opt_state = s.tx.update(grads, opt_state, state.params)  # leaves for the host again
         finite = loss_scale.unwrap(opt_state)  # optax.apply_if_finite's state
         params = optimizer.apply_updates(state.params, updates, finite)  # unchanged when skipped
         metrics = {"loss": loss_, "grad_norm": optax.global_norm(grads), "lr": s.lr_schedule(state.step),
