@@ -43,10 +43,10 @@ CAVEATS = """Caveats of a tiny-data sweep:
 - Small N (10^4-10^6 non-embedding parameters) and short runs (50-400 steps): the warm-up and
   the early, fast part of the curve weigh a lot; Chinchilla's runs were 70M-16B parameters.
 - Hyper-parameters (lr 5e-3, batch 16 × 64, AdamW, warm-up) are the same for every size and
-  budget; the best learning rate falls with width, so the large models are under-tuned, which
-  flattens the N term (alpha too small).
-- 12 points for 5 parameters: the fit is identifiable but loose; the exponents move by ~0.1
-  with one point removed (not measured here: judge by the table), and E trades off against A, B.
+  budget (untuned): the best learning rate depends on width (and on the budget), so the N and D
+  terms carry that mis-tuning, in a direction this sweep does not measure.
+- 12 points for 5 parameters: the fit is identifiable but loose (E trades off against A and
+  B, alpha against A); no error bars (one seed, no bootstrap).
 - N counts non-embedding parameters; the paper counts all of them (the embedding is a large
   share of these small models), which changes alpha.
 - One seed per point, CPU timings on a loaded shared machine."""
@@ -81,23 +81,25 @@ def run_one(layers: int, width: int, heads: int, steps: int) -> dict:
     result = train(cfg)
     return {"layers": layers, "width": width, "N": non_embedding_params(cfg.model), "total_params": result.num_params,
             "steps": steps, "D": steps * cfg.train.batch_size * cfg.model.seq_len, "val_loss": result.val_loss,
-            "seconds": time.perf_counter() - start, "compile_seconds": result.compile_seconds}
+            "seconds": time.perf_counter() - start, "compile_seconds": result.compile_seconds,
+            "train_seconds": result.train_seconds}
 
 
 def sweep(grid: dict) -> list[dict]:
     """Every size × budget, smallest first, with progress and an ETA after each run."""
     jobs = [(size, steps) for size in grid["sizes"] for steps in grid["steps"]]
     rows: list[dict] = []
-    step_s: dict[tuple, float] = {}  # measured seconds per step (incl. compile share) per size
+    step_s: dict[tuple, float] = {}  # measured seconds per training step, per size
     t0 = time.perf_counter()
     for i, (size, steps) in enumerate(jobs):
         row = run_one(*size, steps)
         rows.append(row)
-        step_s[size] = max(step_s.get(size, 0.0), row["seconds"] / steps)
+        step_s[size] = row["train_seconds"] / steps
+        overhead = sum(r["seconds"] - r["train_seconds"] for r in rows) / len(rows)  # compile, data, eval
         known = max(step_s, key=lambda s: s[0] * s[1] ** 2)
         # An unseen size: scale the largest measured one by layers × width² (its FLOPs).
         est = {s: step_s.get(s, step_s[known] * s[0] * s[1] ** 2 / (known[0] * known[1] ** 2)) for s, _ in jobs}
-        eta = sum(est[s] * n for s, n in jobs[i + 1:])
+        eta = sum(overhead + est[s] * n for s, n in jobs[i + 1:])
         print(f"[{i + 1}/{len(jobs)}] layers {size[0]} width {size[1]} (N {row['N']:,}) {steps} steps: "
               f"val {row['val_loss']:.4f} in {row['seconds']:.1f}s; elapsed {time.perf_counter() - t0:.0f}s, "
               f"ETA {eta:.0f}s", flush=True)

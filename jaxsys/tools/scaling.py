@@ -146,9 +146,9 @@ def fit_scaling_law(N: Sequence[float], D: Sequence[float], L: Sequence[float],
     L-BFGS from points of `grid` (default `CHINCHILLA_GRID`); the best fit found.
 
     `keep`: run L-BFGS only from the `keep` grid points of lowest initial objective (all of
-    them with None, as the paper does). One L-BFGS run costs ~100-500 objective calls, so the
-    paper's 4500 starts take minutes in scipy; on our sweeps and the synthetic tests the best
-    32 reach the same optimum as all 4500 (docs/benchmarks.md, "Scaling laws")."""
+    them with None, as the paper does). One L-BFGS run costs ~100-500 iterations, so the
+    paper's 4500 starts take minutes in scipy on a loaded 2-core machine; a prescreen is a
+    heuristic (docs/benchmarks.md, "Scaling laws", says what it was checked against)."""
     logN, logD, logL = (np.log(np.asarray(x, np.float64)) for x in (N, D, L))
     if not (logN.shape == logD.shape == logL.shape) or logN.size < 5:
         raise ValueError(f"need ≥ 5 runs with one N, D and L each; got {logN.size}, {logD.size}, {logL.size}")
