@@ -8,8 +8,8 @@ its own cosine schedule as long as its token budget (Chinchilla's point: a sched
 than the run overestimates the loss of the short runs). Validation loss: the mean over the
 same 20 held-out batches for every run. N = non-embedding parameters.
 
-    python experiments/scaling_laws.py            # 3 sizes × 4 budgets (~20 min on the loaded 2-core CPU)
-    python experiments/scaling_laws.py --quick    # 3 × 2 tiny runs, ~1 min: the plumbing only
+    python experiments/scaling_laws.py            # 3 sizes × 4 budgets: 21 min on the loaded 2-core CPU
+    python experiments/scaling_laws.py --quick    # 3 × 2 tiny runs: the plumbing only
     python experiments/scaling_laws.py --from-results docs/scaling_laws.json   # refit, replot
 
 Caveats (printed at the end too): 1 MB of text, byte tokens, models of 10^4-10^6 parameters,
@@ -54,7 +54,7 @@ CAVEATS = """Caveats of a tiny-data sweep:
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a 3 × 2 grid of tiny runs (~1 min)")
+    ap.add_argument("--quick", action="store_true", help="a 3 × 2 grid of tiny runs (the plumbing)")
     ap.add_argument("--plot", default=None, help="PNG path (default docs/scaling_laws.png; "
                                                   "/tmp/scaling_laws_quick.png with --quick)")
     ap.add_argument("--results", default=None, help="write the runs as JSON here "
@@ -200,7 +200,8 @@ def main() -> None:
             Path(results).write_text(json.dumps(rows, indent=1) + "\n")
             print(f"runs: {results}")
     fit = report(rows)
-    plot(rows, fit, args.plot or ("/tmp/scaling_laws_quick.png" if args.quick else str(ROOT / "docs" / "scaling_laws.png")))
+    default_plot = "/tmp/scaling_laws_quick.png" if args.quick else str(ROOT / "docs" / "scaling_laws.png")
+    plot(rows, fit, args.plot or default_plot)
     print("\n" + CAVEATS)
 
 

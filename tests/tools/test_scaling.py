@@ -45,3 +45,16 @@ def test_non_embedding_params_drops_token_and_position_tables():
     shapes, _ = abstract_params(cfg.model)
     m = cfg.model
     assert non_embedding_params(m) == count_params(shapes) - m.vocab_size * m.embed_dim - m.seq_len * m.embed_dim
+
+
+@pytest.mark.slow  # six real training runs: minutes, mostly compile
+def test_quick_sweep_trains_fits_and_plots(tmp_path):
+    from experiments import scaling_laws
+
+    grid = {"sizes": [(1, 16, 2), (2, 32, 2), (2, 48, 3)], "steps": [4, 8]}
+    rows = scaling_laws.sweep(grid)
+    assert [r["D"] for r in rows] == [4 * 1024, 8 * 1024] * 3
+    assert all(np.isfinite(r["val_loss"]) for r in rows)
+    fit = scaling_laws.report(rows)
+    scaling_laws.plot(rows, fit, str(tmp_path / "s.png"))
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
