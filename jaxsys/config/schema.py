@@ -100,6 +100,12 @@ class ModelConfig:
     v_head_dim: int = 0  # 0 = head_dim
     scan_layers: bool = True
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # Vocabulary-tiled cross-entropy (`jaxsys.model.vocab_tiles`): project to the vocabulary
+    # and take the loss one tile of V/(t·n) entries at a time (t = mesh.tensor, n this value; a
+    # scan with each tile's logits recomputed in the backward), so float32 logits [B, T, V] and
+    # their gradient never exist whole. 0 = off (one [B, T, V] projection). n must divide
+    # vocab_size / mesh.tensor.
+    loss_vocab_tiles: int = 0
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     moe: MoEConfig = field(default_factory=MoEConfig)  # model.moe.*: dense unless num_experts > 0

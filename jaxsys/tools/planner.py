@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -52,7 +53,7 @@ from jaxsys.model.params import count_params
 from jaxsys.parallel import context as context_lib
 from jaxsys.parallel import rules
 from jaxsys.parallel.mesh import MESH_AXES, batch_ways, layout_name as mesh_layout_name, make_mesh
-from jaxsys.tools import expert_plan, hlo_stats, roofline
+from jaxsys.tools import expert_plan, hlo_stats, memory_breakdown, roofline
 from jaxsys.train import state as state_lib
 from jaxsys.train import step as step_lib
 
@@ -80,26 +81,83 @@ def closed_form_activations(cfg: Config, sizes: dict[str, int]) -> float:
     """Korthikanti et al. 2022 (Eqs. 1–2) per device, in the compute dtype, without dropout
     masks: per layer sbD·(4 + A/t) + a·s²·b/t elements without SP, sbD·(4 + A)/t + a·s²·b/t with
     SP, sbD (/t with SP) with full remat; A = QKV + attention-output + MLP inputs/outputs in
-    units of D. Plus the fp32 logits and their gradient, sbV/t each.
+    units of D. Plus the fp32 logits and their gradient, sbV/t each (V → V/n with the
+    tiled loss, n = model.loss_vocab_tiles: one tile's). The sum of `closed_form_temporaries`' activation terms.
 
     Under context parallelism (c = mesh.context) s is this device's T/c positions, and the
     saved attention probabilities are a·(T/c)·T·b/t for all-gather (local queries, every key),
     (a/c)·T²·b/t for Ulysses (every position, a/c heads) and none for the ring, whose backward
     recomputes each block from q, k, v and the log-sum-exp (flash-attention style)."""
+    terms = activation_terms(cfg, sizes)
+    return sum(terms.values())
+
+
+def activation_terms(cfg: Config, sizes: dict[str, int]) -> dict[str, float]:
+    """`closed_form_activations` per device in bytes, by the kinds `memory_breakdown` sorts
+    XLA's live buffers into:
+
+        attention        L · a·scores·b/t · β         saved probabilities (scores: s², or as CP says)
+        attention other  L · sbD·(QKV + out)/t · β    q, k, v and the attention output (A's part)
+        mlp              L · sbD·(MLP)/t · β          the MLP's inputs/outputs (A's part)
+        other forward    L · sbD·4 (/t with SP) · β   layer inputs and norms (the "4");
+                         full remat: L · sbD (/t with SP) · β, every other term of a layer 0
+        logits           2 · b·s·V/t · 4              float32 logits and their gradient; with
+                                                      model.loss_vocab_tiles = n: 2 · b·s·V/(t·n) · 4
+
+    β = bytes of the compute dtype, t = tensor, b = sequences per device per microbatch."""
     m = cfg.model.resolved()
     t, c = sizes["tensor"], sizes.get("context", 1)
     b = cfg.train.batch_size // cfg.train.grad_accum // batch_ways(sizes)
-    T, D = m.seq_len, m.embed_dim
+    T, D, L = m.seq_len, m.embed_dim, m.num_layers
     s = T // c
     scores = {"all-gather": s * T, "ulysses": T * T / c, "ring": 0.0}[cfg.context_parallel.kind] if c > 1 else s * s
-    A = _width_units(m)
-    sp = cfg.mesh.sequence_parallel
-    if m.remat == "full":
-        per_layer = s * b * D / (t if sp else 1)
-    else:
-        per_layer = s * b * D * ((4 + A) / t if sp else 4 + A / t) + m.num_heads * scores * b / t
     beta = np.dtype(m.compute_dtype).itemsize
-    return m.num_layers * per_layer * beta + 2 * s * b * m.vocab_size / t * 4
+    sp = cfg.mesh.sequence_parallel
+    mlp_units = _width_units(m) - _attention_units(m)
+    out = {"logits": 2 * b * s * m.vocab_size / t / max(m.loss_vocab_tiles, 1) * 4}
+    if m.remat == "full":
+        out.update({"attention": 0.0, "attention other": 0.0, "mlp": 0.0,
+                    "other forward": L * s * b * D / (t if sp else 1) * beta})
+    else:
+        out.update({"attention": L * m.num_heads * scores * b / t * beta,
+                    "attention other": L * s * b * D * _attention_units(m) / t * beta,
+                    "mlp": L * s * b * D * mlp_units / t * beta,
+                    "other forward": L * s * b * D * 4 / (t if sp else 1) * beta})
+    return out
+
+
+def closed_form_temporaries(cfg: Config, sizes: dict[str, int], tp_param_bytes: float) -> dict[str, float]:
+    """What the compiled step must hold at its memory peak (the start of the backward, every
+    activation saved) beyond its arguments, per device in bytes, by term (the kinds of
+    `memory_breakdown`, so each sits beside XLA's number): `activation_terms`, and
+
+        weight-shaped     the head's weight gradient, V·D/t · param bytes (tied: the embedding's;
+                          the backward starts there, so it is live at the peak)
+        gathered weights  ZeRO-3 (fsdp > 1): the gathered head / embedding table(s), which the
+                          backward of the head needs, and one layer's gathered weights (the
+                          layer in use): `tp_param_bytes` (parameters per tensor shard) less
+                          the table(s), over L
+
+    plus "total temporaries", their sum."""
+    m = cfg.model.resolved()
+    out = activation_terms(cfg, sizes)
+    table = m.vocab_size * m.embed_dim / sizes["tensor"] * np.dtype(m.param_dtype).itemsize
+    tables = table * (1 if m.tied_head else 2)
+    out["weight-shaped"] = table
+    zero3 = cfg.mesh.zero_stage == 3 and sizes["fsdp"] > 1
+    out["gathered weights"] = tables + (tp_param_bytes - tables) / m.num_layers if zero3 else 0.0
+    out["total temporaries"] = sum(out.values())
+    return out
+
+
+def _attention_units(m: Any) -> float:
+    """The attention's part of A (`_width_units`): QKV + output in units of D (MLA: its latents,
+    queries, keys, values and output)."""
+    if m.attention_kind == "mla":
+        W = m.qk_nope_dim + m.qk_rope_dim
+        width = m.q_lora_rank + m.kv_lora_rank + m.qk_rope_dim + 2 * m.num_heads * (W + m.v_head_dim)
+        return width / m.embed_dim
+    return ((m.num_heads + 2 * m.num_kv_heads) * m.head_dim + m.num_heads * m.head_dim) / m.embed_dim
 
 
 def closed_form_comm(cfg: Config, sizes: dict[str, int], tp_param_bytes: float,
@@ -209,6 +267,10 @@ class Plan:
     flops_formula: float  # 6N + attention (PaLM), per device per step
     roofline: dict[str, float]
     compile_s: float
+    # What XLA keeps live at the memory peak, by kind (`memory_breakdown.breakdown`), and the
+    # closed-form terms of the same names (`closed_form_temporaries`); bytes per device.
+    temp_breakdown: dict[str, float] = dataclasses.field(default_factory=dict)
+    temp_formula: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def state_bytes(self) -> float:
@@ -245,8 +307,10 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
     s = state_lib.setup(cfg, make_mesh(cfg.mesh, devices))
     sizes = dict(s.mesh.shape)
     t0 = time.perf_counter()
-    compiled = step_lib.compile_train_step(s)
-    compile_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="jaxsys-plan-") as dump:
+        compiled = step_lib.compile_train_step(s, compiler_options=memory_breakdown.dump_options(dump))
+        compile_s = time.perf_counter() - t0
+        live_range = memory_breakdown.read_live_range(dump)
 
     abstract = state_lib.abstract_state(s)
     params_b = _shard_bytes(abstract.params, s.state_sharding.params)
@@ -270,7 +334,8 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
     n_expert = expert_plan.expert_params(s.abstract_params, s.logical_specs)
     memory["expert_params"] = _shard_bytes(only_x(abstract.params), only_x(s.state_sharding.params))
 
-    colls = hlo_stats.collectives(compiled.as_text(), s.mesh)
+    hlo_text = compiled.as_text()
+    colls = hlo_stats.collectives(hlo_text, s.mesh)
     summary = hlo_stats.summarize(colls)
     comm = {k: 0.0 for k in hlo_stats.KINDS}
     comm_s = 0.0
@@ -302,8 +367,18 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
     formula_mem = closed_form_state(cfg, sizes, n_params, n_expert)
     formula_mem["activations"] = closed_form_activations(cfg, sizes)
     formula_mem["expert_params"] = closed_form_state(cfg, sizes, n_expert, n_expert)["params"]
+    temp_formula = closed_form_temporaries(cfg, sizes, tp_param_b)
+    formula_mem["temporaries"] = temp_formula["total temporaries"]
+    breakdown = memory_breakdown.breakdown(live_range, hlo_text, _local_extents(cfg, sizes))
     return Plan(layout, memory, formula_mem, rows, comm, closed_form_comm(cfg, sizes, tp_param_b, expert_tp_b),
-                flops, flops_formula, est, compile_s)
+                flops, flops_formula, est, compile_s, breakdown, temp_formula)
+
+
+def _local_extents(cfg: Config, sizes: dict[str, int]) -> dict[str, int]:
+    """This device's vocabulary, embedding, query and key extents, as `memory_breakdown` sorts by."""
+    m = cfg.model.resolved()
+    return {"vocab": m.vocab_size // sizes["tensor"], "embed": m.embed_dim,
+            "seq": m.seq_len // sizes.get("context", 1), "kv_seq": m.seq_len}
 
 
 def long_sequence(cfg: Config) -> bool:
@@ -400,9 +475,16 @@ def format_plan(p: Plan) -> str:
     if p.memory.get("expert_params"):
         lines.append(f"  {'  of params: experts':<26} {_mib(p.memory['expert_params']):>9}  "
                      f"{_mib(p.memory_formula['expert_params']):>9}  (split over expert={p.layout['expert']})")
-    lines.append(f"  {'temporaries (XLA temp)':<26} {_mib(p.memory['temp']):>9}  "
-                 f"{_mib(p.memory_formula['activations']):>9}  (formula: activations only)")
+    if "temporaries" in p.memory_formula:
+        lines.append(f"  {'temporaries (XLA temp)':<26} {_mib(p.memory['temp']):>9}  "
+                     f"{_mib(p.memory_formula['temporaries']):>9}  "
+                     f"({p.memory['temp'] / max(p.memory_formula['temporaries'], 1):.2f}x the formula)")
+    else:
+        lines.append(f"  {'temporaries (XLA temp)':<26} {_mib(p.memory['temp']):>9}  "
+                     f"{_mib(p.memory_formula['activations']):>9}  (formula: activations only)")
     lines.append(f"  {'peak':<26} {_mib(p.memory['peak']):>9}")
+    if p.temp_breakdown:
+        lines += [""] + memory_breakdown.format_breakdown(p.temp_breakdown, p.temp_formula)
     lines += ["", "collectives per step          axes            count   wire MiB"]
     for r in p.collectives:
         lines.append(f"  {r['kind']:<26} {','.join(r['axes']) or '-':<14} {r['count']:>7}  "
