@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxsys.config import ConfigError, apply_overrides, validate
-from jaxsys.model.loss import loss, normalize_loss_mask
+from jaxsys.model.loss import loss
 from jaxsys.model.transformer import Transformer, init_params
 from tests.helpers import host_batch, layout, loss_and_grads, max_abs_diff, one_device_reference, tiny_cfg
 
@@ -67,15 +67,6 @@ def test_tiled_loss_under_tensor_and_sequence_parallel():
     loss_, grads = loss_and_grads(s, params, batch)
     assert abs(loss_ - ref_loss) < 2e-6
     assert max_abs_diff(grads, ref_grads) < 1e-6
-
-
-def test_whole_batch_loss_weights_give_the_masked_mean():
-    """normalize_loss_mask's "loss_weights" (what the train step passes) give the masked mean."""
-    cfg = apply_overrides(tiny_cfg(), [TILES])
-    params = init_params(cfg.model, jax.random.key(1))
-    batch = _masked_batch(cfg)
-    got = float(jax.jit(lambda p, b: loss(Transformer(cfg.model), p, normalize_loss_mask(b), None))(params, batch))
-    assert abs(got - _float64_loss(Transformer(tiny_cfg().model), params, batch)) < 2e-6
 
 
 @pytest.mark.parametrize("overrides, needle", [
