@@ -77,3 +77,11 @@ def test_tiled_loss_under_tensor_and_sequence_parallel():
 def test_bad_loss_vocab_tiles_is_refused(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         validate(tiny_cfg(*overrides))
+
+
+@pytest.mark.slow
+def test_tiled_loss_in_the_last_pipeline_stage():
+    """The pipeline's last stage (`loss.head_loss`) tiles too: gpipe over 2 stages with tiles
+    equals the untiled one-device model (loss and every gradient, 2e-6 as test_pipeline)."""
+    from tests.equivalence.test_pipeline import check_equal_to_one_device
+    check_equal_to_one_device("gpipe", 2, 4, "mesh.data=1", TILES)
