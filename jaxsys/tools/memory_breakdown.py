@@ -101,8 +101,9 @@ def classify(dims: tuple[int, ...], op_name: str, sizes: dict[str, int],
     """The kind (`KINDS`) of one live buffer; `sizes`: this device's "vocab" (V/t), "embed" (D),
     "seq" (T/c) and "kv_seq" (T) extents."""
     T, S = sizes["seq"], sizes["kv_seq"]
-    if "transpose(" not in op_name and ("all_gather" in op_name or opcode.startswith("all-gather")):
-        return "gathered weights"
+    gathered = "all_gather" in op_name or opcode.startswith("all-gather")
+    if gathered and "transpose(" not in op_name and not (len(dims) >= 3 and S in dims):
+        return "gathered weights"  # ([b, T, D]-shaped gathers are sequence parallelism's activations)
     if sizes["vocab"] in dims and sizes["embed"] not in dims and len(dims) >= 2:
         return "logits"
     if "/attn/" in op_name and len(dims) >= 3 and dims[-1] == S and dims[-2] in (T, S):
