@@ -118,6 +118,7 @@ def validate(cfg: Config) -> None:
     _validate_expert_parallel(cfg)
     _validate_precision(cfg)
     _validate_memory(cfg)
+    _validate_loss_vocab_tiles(cfg)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}.")
     _validate_data(cfg)
@@ -143,6 +144,16 @@ def _validate_precision(cfg: Config) -> None:
     if m.grad_comm_dtype != "auto" and (m.grad_sync != "explicit" or m.pipe > 1):
         raise ConfigError(f"mesh.grad_comm_dtype={m.grad_comm_dtype} applies to the explicit data-parallel sync "
                           "only; set mesh.grad_sync=explicit and mesh.pipe=1, or mesh.grad_comm_dtype=auto.")
+
+
+def _validate_loss_vocab_tiles(cfg: Config) -> None:
+    """`model.loss_vocab_tiles`: tiles of each device's vocabulary shard (0 = off)."""
+    n, V, t = cfg.model.loss_vocab_tiles, cfg.model.vocab_size, max(cfg.mesh.tensor, 1)
+    if n < 0 or (n and (V % t or (V // t) % n)):
+        fits = [d for d in range(2, 65) if V % t == 0 and (V // t) % d == 0]
+        raise ConfigError(f"model.loss_vocab_tiles={n} must be 0 (off) or divide the {V // t} vocabulary entries "
+                          f"of each tensor shard (model.vocab_size={V} / mesh.tensor={t}); "
+                          + (f"e.g. one of {fits[:6]}." if fits else "pad model.vocab_size."))
 
 
 def _validate_data(cfg: Config) -> None:

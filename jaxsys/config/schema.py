@@ -106,6 +106,12 @@ class ModelConfig:
     # pinned_host; GPU/TPU only). "auto" (jaxsys.train.remat_auto): the first of none, dots,
     # dots_no_batch, full whose compiled peak fits train.memory_budget.
     remat: Literal["none", "full", "dots", "dots_no_batch", "offload_dots_no_batch", "auto"] = "none"
+    # Vocabulary-tiled cross-entropy (`jaxsys.model.vocab_tiles`): project to the vocabulary
+    # and take the loss one tile of V/(t·n) entries at a time (t = mesh.tensor, n this value; a
+    # scan with each tile's logits recomputed in the backward), so float32 logits [B, T, V] and
+    # their gradient never exist whole. 0 = off (one [B, T, V] projection). n must divide
+    # vocab_size / mesh.tensor.
+    loss_vocab_tiles: int = 0
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # fp8 matmuls for the dense layers (jaxsys.model.fp8): "none", or "current" — the QKV,

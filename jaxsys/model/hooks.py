@@ -12,6 +12,7 @@ installs parallel versions from outside, for the duration of a trace:
     embed_lookup(table, tokens)   token rows of the embedding     parallel.tensor (vocabulary-parallel lookup)
     attention(q, k, v, ...)       softmax attention               parallel.install (the Pallas kernel under shard_map)
     cross_entropy(logits, tgts)   per-token nats                  parallel.tensor (vocabulary-parallel loss)
+    tiled_cross_entropy(x, w, ..) per-token nats, V tile by tile  parallel.tensor (per shard, stats merged)
     experts(x, expert, slot, ...) an MoE layer's routed experts   parallel.expert (all-to-all over `expert`)
     amax(x)                       max |x|: an fp8 scale's input   parallel.zero (a max over the batch axes too)
 
@@ -36,6 +37,7 @@ import optax
 
 from jaxsys.model import attention as attention_lib
 from jaxsys.model import experts as experts_lib
+from jaxsys.model import vocab_tiles
 from jaxsys.model.axes import ACT_BTD, IN_BTD
 
 Axes = Sequence[str | None]
@@ -78,6 +80,7 @@ class Hooks:
     embed_lookup: Callable[..., jax.Array] = embed_lookup_reference
     attention: Callable[..., jax.Array] = _attention_reference
     cross_entropy: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy_reference
+    tiled_cross_entropy: Callable[..., jax.Array] = vocab_tiles.tiled_cross_entropy_reference
     experts: Callable[..., jax.Array] = experts_lib.experts_reference
     amax: Callable[[jax.Array], jax.Array] = lambda x: jnp.max(jnp.abs(x))
 
@@ -150,6 +153,14 @@ def attention(q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, *, impl: 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """Per-token next-token cross-entropy in nats, float32: [B, T]."""
     return current().cross_entropy(logits_BTV, targets_BT)
+
+
+def tiled_cross_entropy(xn_BTD: jax.Array, w: jax.Array, tied: bool, targets_BT: jax.Array,
+                        tiles: int) -> jax.Array:
+    """Per-token cross-entropy in nats, float32 [B, T], of the head's logits x·w without making
+    them whole: `tiles` vocabulary tiles (of each device's V) at a time (`jaxsys.model.vocab_tiles`).
+    `w`: the tied table [V, D] when `tied`, else the head [D, V], at its point of use."""
+    return current().tiled_cross_entropy(xn_BTD, w, tied, targets_BT, tiles)
 
 
 def experts(x_BTD: jax.Array, expert_BTI: jax.Array, slot_BTI: jax.Array, weight_BTI: jax.Array,

@@ -7,6 +7,8 @@ methods, so a pipeline stage runs exactly the model's code on part of the tree:
     model.apply({"params": p}, tokens_BT, method="embed")          -> x_BTD
     model.apply({"params": p}, x_BTD, method="blocks")             -> x_BTD (all layers)
     model.apply({"params": p}, x_BTD, method="head")               -> logits_BTV
+    model.apply({"params": p}, tokens_BT, method="features")       -> (xn_BTD, head weight)
+    model.apply({"params": p}, xn_BTD, w, method="logits")         -> logits_BTV (a chunked loss)
     model.apply({"params": p}, tokens_BT, positions_BT, caches, method="decode")
                                                                    -> (logits, caches)  (KV cache)
     block_fn(cfg)(layer_params, x_BTD, positions_BT)               -> x_BTD (one layer, with remat)
@@ -153,9 +155,17 @@ class Transformer(nn.Module):
         parallel layout: the causal mask is then the attention hook's to apply; packed
         documents: positions restart at each document). `segment_ids_BT` (int, equal = same
         document): packed documents, attention never crosses from one to another."""
+        return self.logits(*self.features(tokens_BT, positions_BT, segment_ids_BT))
+
+    def features(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+                 segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """The forward pass up to the output projection: (final-normed x [B, T, D], the head
+        weight at its point of use, compute dtype); `logits` of the two are `__call__`'s.
+        A tiled loss (`jaxsys.model.vocab_tiles`, `model.loss_vocab_tiles`) projects them a
+        vocabulary tile at a time."""
         embed_VD = hooks.use_weight(self.embed_VD, _EMBED_VD)  # used twice when tied: fetched once
         x_BTD = self.embed(tokens_BT, embed_VD, positions_BT)
-        return self.head(self.blocks(x_BTD, positions_BT, segment_ids_BT), embed_VD)
+        return self.head_inputs(self.blocks(x_BTD, positions_BT, segment_ids_BT), embed_VD)
 
     def embed(self, tokens_BT: jax.Array, embed_VD: jax.Array | None = None,
               positions_BT: jax.Array | None = None) -> jax.Array:
@@ -214,16 +224,29 @@ class Transformer(nn.Module):
     def head(self, x_BTD: jax.Array, embed_VD: jax.Array | None = None) -> jax.Array:
         """Final norm and output projection: [B, T, D] -> float32 [B, T, V]. The vocabulary-
         parallel head (sequence parallel: all-gather along T first); the loss never gathers V."""
+        return self.logits(*self.head_inputs(x_BTD, embed_VD))
+
+    def head_inputs(self, x_BTD: jax.Array, embed_VD: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(final-normed x [B, T, D], the head weight in the compute dtype): what `logits`
+        projects. The weight is as stored, never transposed: the tied table [V, D] (`embed_VD`:
+        already fetched, if given), else `head` [D, V]: a tiled loss cuts the tied table into
+        [V/n, D] tiles without a copy."""
         c = self.c
         x_BTD = self.ln_final(x_BTD)
         if c.tied_head:  # the output head is the input embedding
-            if embed_VD is None:
-                embed_VD = hooks.use_weight(self.embed_VD, _EMBED_VD)
-            head_DV = embed_VD.T
+            w = embed_VD if embed_VD is not None else hooks.use_weight(self.embed_VD, _EMBED_VD)
         else:
-            head_DV = hooks.use_weight(self.head_DV, ("embed", "vocab"))
-        return hooks.column_matmul("btd,dv->btv", x_BTD, head_DV.astype(c.compute_dtype), ("embed", "vocab"),
-                                   LOGITS_BTV, preferred_element_type=jnp.float32)
+            w = hooks.use_weight(self.head_DV, ("embed", "vocab"))
+        return x_BTD, w.astype(c.compute_dtype)
+
+    def logits(self, xn_BTD: jax.Array, w: jax.Array) -> jax.Array:
+        """The output projection of normed activations: [B, T, D] -> float32 [B, T, V] (any T:
+        a chunk of positions too), `w` from `head_inputs`; no parameters of its own."""
+        if self.c.tied_head:
+            return hooks.column_matmul("btd,vd->btv", xn_BTD, w, _EMBED_VD, LOGITS_BTV,
+                                       preferred_element_type=jnp.float32)
+        return hooks.column_matmul("btd,dv->btv", xn_BTD, w, ("embed", "vocab"), LOGITS_BTV,
+                                   preferred_element_type=jnp.float32)
 
 
 def block_fn(cfg: ModelConfig) -> Callable[..., jax.Array]:

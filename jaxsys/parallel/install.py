@@ -82,6 +82,7 @@ def parallel_hooks(mesh: Mesh, rules: Rules = ACTIVATION_RULES,
         embed_lookup=functools.partial(tensor.embed_lookup, mesh, rules),
         attention=attention,
         cross_entropy=functools.partial(tensor.cross_entropy, mesh, rules),
+        tiled_cross_entropy=functools.partial(tensor.tiled_cross_entropy, mesh, rules),
     )
 
 

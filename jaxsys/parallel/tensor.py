@@ -28,6 +28,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxsys.model.axes import ACT_BTD, IN_BTD
 from jaxsys.model.hooks import cross_entropy_reference, embed_lookup_reference
+from jaxsys.model.vocab_tiles import tile_stats, tiled_cross_entropy_reference
 from jaxsys.parallel.manual import constrain_to, manual_axes, shard_map
 from jaxsys.parallel.mesh import DATA_AXES, batch_ways
 from jaxsys.parallel.rules import Rules, logical_to_spec
@@ -95,6 +96,31 @@ def cross_entropy(mesh: Mesh, rules: Rules, logits_BTV: jax.Array, targets_BT: j
 
     return shard_map(local, mesh, {"tensor"},
                      in_specs=(P(None, None, "tensor"), P()), out_specs=P())(logits_BTV, targets_BT)
+
+
+def tiled_cross_entropy(mesh: Mesh, rules: Rules, xn_BTD: jax.Array, w: jax.Array, tied: bool,
+                        targets_BT: jax.Array, tiles: int) -> jax.Array:
+    """Vocabulary-parallel `tiled_cross_entropy_reference`: each device runs the tiles of its
+    V/t shard of `w` (`tile_stats`), then the running max, exp-sum and target logit are merged
+    over `tensor` (3 [B, T] collectives, as `cross_entropy`'s). With sequence parallelism x is
+    all-gathered along T once (its backward: a reduce-scatter of dx)."""
+    if not _tensor_split(mesh):
+        return tiled_cross_entropy_reference(xn_BTD, w, tied, targets_BT, tiles)
+    sp = _sequence_parallel(mesh, rules)
+
+    def local(x_BTD: jax.Array, w_local: jax.Array, targets: jax.Array) -> jax.Array:
+        if sp:
+            x_BTD = jax.lax.all_gather(x_BTD, "tensor", axis=1, tiled=True)
+        V = w_local.shape[0] if tied else w_local.shape[1]
+        m_BT, s_BT, p_BT = tile_stats(x_BTD, w_local, tied, targets, tiles, jax.lax.axis_index("tensor") * V)
+        m_BT = jax.lax.stop_gradient(m_BT)  # only stabilises exp(); cancels exactly
+        top_BT = jax.lax.pmax(m_BT, "tensor")
+        sumexp_BT = jax.lax.psum(s_BT * jnp.exp(m_BT - top_BT), "tensor")
+        return jnp.log(sumexp_BT) + top_BT - jax.lax.psum(p_BT, "tensor")
+
+    x_spec = P(None, "tensor", None) if sp else P()
+    w_spec = P("tensor", None) if tied else P(None, "tensor")
+    return shard_map(local, mesh, {"tensor"}, in_specs=(x_spec, w_spec, P()), out_specs=P())(xn_BTD, w, targets_BT)
 
 
 # ----------------------------------------------------------------------------- sequence parallelism

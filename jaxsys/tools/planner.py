@@ -8,6 +8,10 @@ next to closed forms:
   temporaries from `temp_size_in_bytes`; beside them the ZeRO paper's 2Ψ+2Ψ+KΨ with our
   dtypes (fp32 parameters and gradients, two fp32 moments: 4Ψ + 4Ψ + 8Ψ bytes), each divided
   by tensor and, per stage, by fsdp; activations per Korthikanti et al. 2022 (TP/SP/remat).
+  The temporaries are also broken down: the buffers live at XLA's memory peak by kind
+  (`memory_breakdown`, from the buffer live ranges the compile dumps), beside the terms of
+  `closed_form_temporaries` (the activations by kind, the logits, the head's gradient,
+  ZeRO-3's gathered weights).
 - every collective of the optimized HLO (`hlo_stats`), by kind and mesh axes, beside the
   Megatron/ZeRO closed-form wire bytes, and with expert parallelism the all-to-alls of the
   MoE dispatch and combine beside theirs (`expert_plan.closed_form_expert`); the experts'
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -56,7 +61,8 @@ from jaxsys.model.params import count_params
 from jaxsys.parallel import context as context_lib
 from jaxsys.parallel import rules
 from jaxsys.parallel.mesh import MESH_AXES, batch_ways, layout_name as mesh_layout_name, make_mesh
-from jaxsys.tools import expert_plan, hlo_stats, memory_plan, roofline
+from jaxsys.tools import expert_plan, hlo_stats, memory_breakdown, memory_plan, roofline
+from jaxsys.tools.memory_formula import closed_form_activations, closed_form_temporaries, width_units
 from jaxsys.train import remat_auto
 from jaxsys.train import state as state_lib
 
@@ -78,32 +84,6 @@ def closed_form_state(cfg: Config, sizes: dict[str, int], n_params: int,
     return {"params": pb * per_t / (z if stage >= 3 else 1),
             "grads": pb * per_t / (z if stage >= 2 else 1),
             "optimizer": 2 * pb * per_t / (z if stage >= 1 else 1)}
-
-
-def closed_form_activations(cfg: Config, sizes: dict[str, int]) -> float:
-    """Korthikanti et al. 2022 (Eqs. 1–2) per device, in the compute dtype, without dropout
-    masks: per layer sbD·(4 + A/t) + a·s²·b/t elements without SP, sbD·(4 + A)/t + a·s²·b/t with
-    SP, sbD (/t with SP) with full remat; A = QKV + attention-output + MLP inputs/outputs in
-    units of D. Plus the fp32 logits and their gradient, sbV/t each.
-
-    Under context parallelism (c = mesh.context) s is this device's T/c positions, and the
-    saved attention probabilities are a·(T/c)·T·b/t for all-gather (local queries, every key),
-    (a/c)·T²·b/t for Ulysses (every position, a/c heads) and none for the ring, whose backward
-    recomputes each block from q, k, v and the log-sum-exp (flash-attention style)."""
-    m = cfg.model.resolved()
-    t, c = sizes["tensor"], sizes.get("context", 1)
-    b = cfg.train.batch_size // cfg.train.grad_accum // batch_ways(sizes)
-    T, D = m.seq_len, m.embed_dim
-    s = T // c
-    scores = {"all-gather": s * T, "ulysses": T * T / c, "ring": 0.0}[cfg.context_parallel.kind] if c > 1 else s * s
-    A = _width_units(m)
-    sp = cfg.mesh.sequence_parallel
-    if m.remat == "full":
-        per_layer = s * b * D / (t if sp else 1)
-    else:
-        per_layer = s * b * D * ((4 + A) / t if sp else 4 + A / t) + m.num_heads * scores * b / t
-    beta = np.dtype(m.compute_dtype).itemsize
-    return m.num_layers * per_layer * beta + 2 * s * b * m.vocab_size / t * 4
 
 
 def closed_form_comm(cfg: Config, sizes: dict[str, int], tp_param_bytes: float,
@@ -221,6 +201,10 @@ class Plan:
     # model.remat=auto with its peak / temporaries, and the bytes per device offload puts on the host.
     remat: dict[str, Any] = dataclasses.field(default_factory=dict)
     offload: dict[str, float] = dataclasses.field(default_factory=dict)
+    # What XLA keeps live at the memory peak, by kind (`memory_breakdown.breakdown`), and the
+    # closed-form terms of the same names (`closed_form_temporaries`); bytes per device.
+    temp_breakdown: dict[str, float] = dataclasses.field(default_factory=dict)
+    temp_formula: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def state_bytes(self) -> float:
@@ -262,8 +246,11 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
         cfg = apply_overrides(cfg, [f"model.remat={picked.cfg.model.remat}"])
     cfg = apply_overrides(cfg, ["model.scan_layers=false"])
     t0 = time.perf_counter()
-    s, compiled, compiled_tried = remat_auto.resolve(cfg, mesh)
-    compile_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="jaxsys-plan-") as dump:
+        s, compiled, compiled_tried = remat_auto.resolve(
+            cfg, mesh, compiler_options=memory_breakdown.dump_options(dump))
+        compile_s = time.perf_counter() - t0
+        live_range = memory_breakdown.read_live_range(dump)
     tried = tried or compiled_tried
     sizes = dict(s.mesh.shape)
 
@@ -289,7 +276,8 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
     n_expert = expert_plan.expert_params(s.abstract_params, s.logical_specs)
     memory["expert_params"] = _shard_bytes(only_x(abstract.params), only_x(s.state_sharding.params))
 
-    colls = hlo_stats.collectives(compiled.as_text(), s.mesh)
+    hlo_text = compiled.as_text()
+    colls = hlo_stats.collectives(hlo_text, s.mesh)
     summary = hlo_stats.summarize(colls)
     comm = {k: 0.0 for k in hlo_stats.KINDS}
     comm_s = 0.0
@@ -322,8 +310,19 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
     formula_mem = closed_form_state(cfg, sizes, n_params, n_expert)
     formula_mem["activations"] = closed_form_activations(cfg, sizes)
     formula_mem["expert_params"] = closed_form_state(cfg, sizes, n_expert, n_expert)["params"]
+    temp_formula = closed_form_temporaries(cfg, sizes, tp_param_b)
+    formula_mem["temporaries"] = temp_formula["total temporaries"]
+    breakdown = memory_breakdown.breakdown(live_range, hlo_text, _local_extents(cfg, sizes))
     return Plan(layout, memory, formula_mem, rows, comm, closed_form_comm(cfg, sizes, tp_param_b, expert_tp_b),
-                flops, flops_formula, est, compile_s, *memory_plan.memory_moves(wanted, s, compiled, tried, sizes))
+                flops, flops_formula, est, compile_s, *memory_plan.memory_moves(wanted, s, compiled, tried, sizes),
+                breakdown, temp_formula)
+
+
+def _local_extents(cfg: Config, sizes: dict[str, int]) -> dict[str, int]:
+    """This device's vocabulary, embedding, query and key extents, as `memory_breakdown` sorts by."""
+    m = cfg.model.resolved()
+    return {"vocab": m.vocab_size // sizes["tensor"], "embed": m.embed_dim,
+            "seq": m.seq_len // sizes.get("context", 1), "kv_seq": m.seq_len}
 
 
 def long_sequence(cfg: Config) -> bool:
@@ -331,19 +330,7 @@ def long_sequence(cfg: Config) -> bool:
     saved attention probabilities (H·T² per sequence) outweigh its other activations (T·D·(4 +
     A), `closed_form_activations`): then T, not the width, is what memory scales with."""
     m = cfg.model.resolved()
-    return m.num_heads * m.seq_len > m.embed_dim * (4 + _width_units(m))
-
-
-def _width_units(m: Any) -> float:
-    """A of the activation formula: QKV, attention output and MLP activations in units of D
-    (MLA: its latents q_lora + kv_lora + Y, queries and keys H·W, values and output H·E; dense MLP width
-    counted for every layer, MoE layers not modelled)."""
-    mlp = (2 if m.family == "gpt2" else 3) * m.mlp_dim / m.embed_dim
-    if m.attention_kind == "mla":
-        W = m.qk_nope_dim + m.qk_rope_dim
-        width = m.q_lora_rank + m.kv_lora_rank + m.qk_rope_dim + 2 * m.num_heads * (W + m.v_head_dim)
-        return width / m.embed_dim + mlp
-    return ((m.num_heads + 2 * m.num_kv_heads) * m.head_dim + m.num_heads * m.head_dim) / m.embed_dim + mlp
+    return m.num_heads * m.seq_len > m.embed_dim * (4 + width_units(m))
 
 
 def _divisors(n: int) -> list[int]:
@@ -422,10 +409,17 @@ def format_plan(p: Plan) -> str:
     if p.memory.get("expert_params"):
         lines.append(f"  {'  of params: experts':<26} {_mib(p.memory['expert_params']):>9}  "
                      f"{_mib(p.memory_formula['expert_params']):>9}  (split over expert={p.layout['expert']})")
-    lines.append(f"  {'temporaries (XLA temp)':<26} {_mib(p.memory['temp']):>9}  "
-                 f"{_mib(p.memory_formula['activations']):>9}  (formula: activations only)")
+    if "temporaries" in p.memory_formula:
+        lines.append(f"  {'temporaries (XLA temp)':<26} {_mib(p.memory['temp']):>9}  "
+                     f"{_mib(p.memory_formula['temporaries']):>9}  "
+                     f"({p.memory['temp'] / max(p.memory_formula['temporaries'], 1):.2f}x the formula)")
+    else:
+        lines.append(f"  {'temporaries (XLA temp)':<26} {_mib(p.memory['temp']):>9}  "
+                     f"{_mib(p.memory_formula['activations']):>9}  (formula: activations only)")
     lines.append(f"  {'peak':<26} {_mib(p.memory['peak']):>9}")
     lines += memory_plan.format_memory_moves(p.remat, p.offload)
+    if p.temp_breakdown:
+        lines += [""] + memory_breakdown.format_breakdown(p.temp_breakdown, p.temp_formula)
     lines += ["", "collectives per step          axes            count   wire MiB"]
     for r in p.collectives:
         lines.append(f"  {r['kind']:<26} {','.join(r['axes']) or '-':<14} {r['count']:>7}  "

@@ -64,20 +64,22 @@ def budget_bytes(cfg: Config, device: jax.Device) -> int:
 
 
 def resolve(cfg: Config, mesh: Mesh, batch_keys: tuple[str, ...] = ("inputs", "targets"),
-            log: Callable[[str], None] | None = None) -> tuple[state_lib.Setup, Any, list[Tried]]:
+            log: Callable[[str], None] | None = None,
+            compiler_options: dict[str, Any] | None = None) -> tuple[state_lib.Setup, Any, list[Tried]]:
     """For `model.remat=auto`: (setup and compiled train step of the first `AUTO_ORDER` policy whose
     peak fits the budget, every candidate tried). `log` gets one line naming the pick and the
-    bytes of each tried. Raises `ConfigError` when none fits. Other policies: compiled as is."""
+    bytes of each tried. Raises `ConfigError` when none fits. Other policies: compiled as is.
+    `compiler_options` go to every compile (`jaxsys plan`'s buffer dump)."""
     check_memory_platform(cfg, mesh.devices.flat[0].platform)
     if cfg.model.remat != "auto":
         s = state_lib.setup(cfg, mesh)
-        compiled = step_lib.compile_train_step(s, batch_keys)
+        compiled = step_lib.compile_train_step(s, batch_keys, compiler_options=compiler_options)
         return s, compiled, [Tried(cfg.model.remat, peak_bytes(compiled), _temp(compiled))]
     budget = budget_bytes(cfg, mesh.devices.flat[0])
     tried: list[Tried] = []
     for policy in AUTO_ORDER:
         s = state_lib.setup(apply_overrides(cfg, [f"model.remat={policy}"]), mesh)
-        compiled = step_lib.compile_train_step(s, batch_keys)
+        compiled = step_lib.compile_train_step(s, batch_keys, compiler_options=compiler_options)
         tried.append(Tried(policy, peak_bytes(compiled), _temp(compiled)))
         if tried[-1].peak <= budget:
             if log is not None:

@@ -170,9 +170,12 @@ def abstract_batch(s: Setup, batch_size: int,
     return {k: tokens for k in keys}
 
 
-def compile_train_step(s: Setup, batch_keys: tuple[str, ...] = ("inputs", "targets")) -> Any:
+def compile_train_step(s: Setup, batch_keys: tuple[str, ...] = ("inputs", "targets"),
+                       compiler_options: dict[str, Any] | None = None) -> Any:
     """Ahead-of-time compile of the train step with explicit shardings and donated state, for
     batches of `batch_keys` (each int32 [B, T]; `jaxsys.data.batches.batch_keys`).
+    `compiler_options`: XLA debug options for this compile only (the planner's memory
+    breakdown asks for the buffer-assignment dump, `jaxsys.tools.memory_breakdown`).
 
     Returns a `jax.stages.Compiled`: calling it never recompiles, and its `memory_analysis()`
     and `cost_analysis()` describe the program per device."""
@@ -180,7 +183,7 @@ def compile_train_step(s: Setup, batch_keys: tuple[str, ...] = ("inputs", "targe
     step = jax.jit(make_train_step(s), in_shardings=(s.state_sharding, s.batch_sharding),
                    out_shardings=(s.state_sharding, replicated(s.mesh)), donate_argnums=0)
     with parallelize(s.mesh, s.activation_rules, s.cfg.context_parallel):
-        return step.lower(state, abstract_batch(s, s.cfg.train.batch_size, batch_keys)).compile()
+        return step.lower(state, abstract_batch(s, s.cfg.train.batch_size, batch_keys)).compile(compiler_options)
 
 
 def compile_eval_step(s: Setup, batch_size: int, batch_keys: tuple[str, ...] = ("inputs", "targets")) -> Any:

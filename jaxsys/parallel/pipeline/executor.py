@@ -55,7 +55,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxsys.config import Config, ConfigError
 from jaxsys.data.batches import split_microbatches
 from jaxsys.model import hooks, moe
-from jaxsys.model.loss import mean_cross_entropy
+from jaxsys.model.loss import head_loss
 from jaxsys.model.transformer import Transformer, abstract_params, block_fn, moe_block_fn
 from jaxsys.parallel import expert as expert_lib
 from jaxsys.parallel.manual import psum_live
@@ -115,8 +115,7 @@ def _embed(st: _Stage, sp: Any, mb: Micro) -> jax.Array:
 
 
 def _loss(st: _Stage, sp: Any, y_bTD: jax.Array, mb: Micro) -> jax.Array:
-    logits_bTV = st.model.apply({"params": sp}, y_bTD, method="head")
-    return mean_cross_entropy(logits_bTV, mb["targets"], mb.get("loss_weights"))
+    return head_loss(st.model, {"params": sp}, y_bTD, mb["targets"], mb.get("loss_weights"))
 
 
 def _layer(st: _Stage, layer: Any, x_bTD: jax.Array, mb: Micro) -> tuple[jax.Array, Any, jax.Array]:
