@@ -12,6 +12,7 @@ Shapes (`jaxsys.model.axes`): B global batch, A accumulation microbatches, T seq
 from __future__ import annotations
 
 import functools
+import uuid
 from typing import Any, Callable
 
 import jax
@@ -180,7 +181,13 @@ def compile_train_step(s: Setup, batch_keys: tuple[str, ...] = ("inputs", "targe
     Returns a `jax.stages.Compiled`: calling it never recompiles, and its `memory_analysis()`
     and `cost_analysis()` describe the program per device."""
     state = with_shardings(abstract_state(s), s.state_sharding)
-    step = jax.jit(make_train_step(s), in_shardings=(s.state_sharding, s.batch_sharding),
+    fn = make_train_step(s)
+    if compiler_options and "xla_dump_to" in compiler_options:
+        # A dump is only written when XLA really compiles; JAX's persistent cache leaves dump
+        # options out of its key and would hand back an earlier executable without one. A name of
+        # its own (jit_train_step_<nonce>: the module name is in the key) makes this compile new.
+        fn.__name__ = f"train_step_{uuid.uuid4().hex[:12]}"
+    step = jax.jit(fn, in_shardings=(s.state_sharding, s.batch_sharding),
                    out_shardings=(s.state_sharding, replicated(s.mesh)), donate_argnums=0)
     with parallelize(s.mesh, s.activation_rules, s.cfg.context_parallel):
         return step.lower(state, abstract_batch(s, s.cfg.train.batch_size, batch_keys)).compile(compiler_options)

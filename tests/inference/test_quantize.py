@@ -151,16 +151,18 @@ def _rel_rms(got, ref) -> float:
 LOGITS_TOLERANCE = 0.02
 
 
-def test_int8_logits_and_val_loss_match_float32_and_four_bits_do_not():
+def test_int8_logits_and_val_loss_match_float32_and_three_bits_do_not():
     cfg, params, losses = _trained()
     assert losses[-1] < math.log(256) - 2, losses[-1]  # learned something: well below uniform
     out = _val_losses_and_logits(cfg, {"fp32": params, "int8": _quantize(params, cfg.model),
-                                       "int4": _quantize(params, cfg.model, 4)})
-    (fp32, ref), (int8, got), (int4, _) = out["fp32"], out["int8"], out["int4"]
+                                       "int3": _quantize(params, cfg.model, 3)})
+    (fp32, ref), (int8, got), (int3, _) = out["fp32"], out["int8"], out["int3"]
     assert 0 < _rel_rms(got, ref) < LOGITS_TOLERANCE  # > 0: the int8 model really differs
     # Measured (val loss ~3.17): int8 - fp32 = 2e-5 nats; 4 bits 0.0095, 3 bits 0.049, 2 bits 0.72.
+    # 2026-12-02, after the attention softmax that saves only its output (other rounding, another
+    # trained model): 4 bits 0.0045, under the tolerance, so 3 bits is the one shown rejected.
     assert abs(int8 - fp32) < VAL_TOLERANCE, out
-    assert int4 - fp32 > VAL_TOLERANCE, out  # the tolerance can fail: it rejects 4 bits
+    assert int3 - fp32 > VAL_TOLERANCE, out  # the tolerance can fail: it rejects 3 bits
 
 
 def test_llama_with_gqa_and_scan_layers_runs_quantized():

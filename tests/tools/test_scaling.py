@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from jaxsys.config import apply_overrides
+
 from jaxsys.config import presets
 from jaxsys.model.params import count_params
 from jaxsys.model.transformer import abstract_params
@@ -41,7 +43,7 @@ def test_compute_optimal_frontier_spends_c_and_minimises_loss_on_it():
 
 
 def test_non_embedding_params_drops_token_and_position_tables():
-    cfg = presets.shakespeare()  # gpt2 family, tied head
+    cfg = apply_overrides(presets.shakespeare(), ["model.family=gpt2"])  # tied head, learned positions
     shapes, _ = abstract_params(cfg.model)
     m = cfg.model
     assert non_embedding_params(m) == count_params(shapes) - m.vocab_size * m.embed_dim - m.seq_len * m.embed_dim
