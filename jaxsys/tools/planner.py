@@ -277,15 +277,7 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
     memory["expert_params"] = _shard_bytes(only_x(abstract.params), only_x(s.state_sharding.params))
 
     hlo_text = compiled.as_text()
-    colls = hlo_stats.collectives(hlo_text, s.mesh)
-    summary = hlo_stats.summarize(colls)
-    comm = {k: 0.0 for k in hlo_stats.KINDS}
-    comm_s = 0.0
-    rows = []
-    for (kind, axes), row in summary.items():
-        comm[kind] += row["wire_bytes"]
-        comm_s += row["wire_bytes"] / roofline.link_bandwidth(acc, axes, sizes, MESH_AXES)
-        rows.append({"kind": kind, "axes": list(axes), **row})
+    rows, comm, comm_s = _collectives(hlo_text, s.mesh, acc, sizes)
 
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -316,6 +308,20 @@ def plan(cfg: Config, devices: list | None = None, accelerator: str = "h100") ->
     return Plan(layout, memory, formula_mem, rows, comm, closed_form_comm(cfg, sizes, tp_param_b, expert_tp_b),
                 flops, flops_formula, est, compile_s, *memory_plan.memory_moves(wanted, s, compiled, tried, sizes),
                 breakdown, temp_formula)
+
+
+def _collectives(hlo_text: str, mesh: Any, acc: Any, sizes: dict[str, int]
+                 ) -> tuple[list[dict[str, Any]], dict[str, float], float]:
+    """The compiled program's collectives: (rows by kind and mesh axes, wire bytes per step by
+    kind, seconds on the accelerator's links per the roofline)."""
+    comm = {k: 0.0 for k in hlo_stats.KINDS}
+    comm_s = 0.0
+    rows = []
+    for (kind, axes), row in hlo_stats.summarize(hlo_stats.collectives(hlo_text, mesh)).items():
+        comm[kind] += row["wire_bytes"]
+        comm_s += row["wire_bytes"] / roofline.link_bandwidth(acc, axes, sizes, MESH_AXES)
+        rows.append({"kind": kind, "axes": list(axes), **row})
+    return rows, comm, comm_s
 
 
 def _local_extents(cfg: Config, sizes: dict[str, int]) -> dict[str, int]:
